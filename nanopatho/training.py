@@ -1,0 +1,191 @@
+"""The training plumbing shared by all four scripts: one copy, small functions.
+
+    device = setup(cfg.seed, cfg.device)                     # torchrun-aware, seeds every RNG
+    model = wrap_ddp(model, device)                           # DDP when launched by torchrun
+    opt = make_optimizer(model, lr, weight_decay)             # AdamW, decay only on matrices
+    lr = lr_at(step, total, peak, warmup)                     # linear warmup + cosine
+    with no_sync_unless(model, last_micro_step): loss.backward()
+    grad_norm, ok = optimizer_step(model, opt, grad_clip, on_nonfinite="skip")
+    log = MetricsLog(out_dir); log.write(step=step, loss=...)
+
+Loss normalisation: every script divides its summed token loss by the number of
+target tokens in the whole optimizer step, counted across micro-batches *and* ranks
+(`global_count`). Averaging per micro-batch would weight a short micro-batch's tokens
+more than a long one's (a known pitfall in RL and SFT code); dividing by the global count
+makes k micro-batches x n ranks give exactly the gradient of one big batch.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nanopatho import dist
+
+NO_DECAY_KEYWORDS = ("pos_embed", "position", "logit_scale", "norm", "bias")
+
+
+def setup(seed, device="auto"):
+    """Start torchrun if present, seed every RNG (offset by rank), return the device."""
+    device = dist.init(device)
+    seed_everything(seed + dist.rank())
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def generator_for(seed, *keys):
+    """A torch.Generator determined by (seed, keys): stateless randomness that survives resume."""
+    g = torch.Generator()
+    g.manual_seed(hash_ints(seed, *keys))
+    return g
+
+
+def hash_ints(*values):
+    h = 1469598103934665603
+    for v in values:
+        h = ((h ^ (int(v) & 0xFFFFFFFFFFFF)) * 1099511628211) % 2**63
+    return h
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def wrap_ddp(model, device):
+    if not dist.is_dist():
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def no_sync_unless(model, sync):
+    """Skip DDP's gradient all-reduce on accumulation micro-steps (sync only on the last)."""
+    if isinstance(model, DDP) and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW with weight decay on weight matrices only: never on norms, biases,
+    position embeddings or the CLIP logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.dim() < 2 or any(k in name for k in NO_DECAY_KEYWORDS)
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)
+
+
+def lr_at(step, total_steps, peak_lr, warmup_steps, min_ratio=0.1):
+    """Linear warmup to peak_lr, then cosine decay to min_ratio * peak_lr at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return peak_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def global_count(local_count, device):
+    """Number of target tokens in the optimizer step, summed over ranks."""
+    t = torch.tensor(float(local_count), device=device)
+    return max(dist.all_reduce_sum(t).item(), 1.0)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def optimizer_step(model, optimizer, grad_clip, on_nonfinite="skip"):
+    """Clip, check, step. Returns (grad_norm, stepped).
+
+    A non-finite gradient norm (from a NaN/inf loss or an overflow) is caught here, at the
+    step where it happens: with on_nonfinite="skip" the update is dropped (gradients
+    zeroed, the caller counts it); with "stop" the run ends with a clear message.
+    All ranks see the same all-reduced gradients, so they all take the same decision."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        if on_nonfinite == "stop":
+            raise NonFiniteError("non-finite gradient norm; stopping (use --on_nonfinite skip to skip such steps)")
+        return grad_norm, False
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, True
+
+
+class MetricsLog:
+    """Appends one JSON object per line to out_dir/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, out_dir, resume_step=None):
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.active = dist.is_main()
+        if self.active:
+            os.makedirs(out_dir, exist_ok=True)
+            if resume_step is None:
+                open(self.path, "w").close()
+            else:
+                self._truncate_after(resume_step)
+
+    def _truncate_after(self, step):
+        """On resume, drop lines logged after the snapshot so the log matches the weights."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip()]
+        keep = [r for r in rows if json.loads(r).get("step", -1) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def write(self, **row):
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def batch_indices(n, batch_size, step, seed, rank=0, world=1):
+    """Indices of this rank's share of the global batch at `step`.
+
+    The sample order is a pure function of (seed, epoch), so a resumed run sees exactly the
+    batches the uninterrupted run would have seen. The global batch (batch_size * world)
+    is cut into contiguous rank slices."""
+    global_bs = batch_size * world
+    start = step * global_bs
+    out = []
+    while len(out) < global_bs:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=generator_for(seed, 7, epoch))
+        out.extend(perm[offset:offset + global_bs - len(out)].tolist())
+    return out[rank * batch_size:(rank + 1) * batch_size]
+
+
+def print0(*args, **kwargs):
+    if dist.is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def fail(message, code=2):
+    """One clear line on stderr and a non-zero exit: how every script reports bad input."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)

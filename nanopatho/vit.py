@@ -1,0 +1,117 @@
+"""Vision Transformer encoder (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words").
+
+Conv patch embedding -> learned position embeddings -> pre-norm transformer blocks -> final
+LayerNorm. Returns every patch token (the VLM projects them into the LM) and a pooled vector
+(mean of the normed patch tokens; PathoCLIP projects it into the joint space). There is no
+class token: mean pooling is as good for pathology tiles and keeps the patch grid square for
+pixel shuffle.
+
+    from nanopatho.vit import ViT, ViTConfig
+    vit = ViT(ViTConfig(image_size=64, patch_size=8, n_layer=4, n_head=4, n_embd=128))
+    tokens, pooled = vit(torch.randn(2, 3, 64, 64))       # (2, 64, 128), (2, 128)
+
+Inputs at another resolution work: the position grid is resized with bicubic interpolation.
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: float = 4.0
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention: every patch sees every patch (no mask)."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        assert n_embd % n_head == 0, f"n_embd {n_embd} not divisible by n_head {n_head}"
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        q, k, v = (t.view(B, N, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, (B, nh, N, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = int(cfg.n_embd * cfg.mlp_ratio)
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = Attention(cfg.n_embd, cfg.n_head)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_embd))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViT(nn.Module):
+    model_type = "vit"
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = nn.Conv2d(3, cfg.n_embd, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.n_embd) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.apply(_init_weights)
+
+    def position_embeddings(self, gh, gw):
+        """Learned (1, g*g, C) grid, bicubically resized to (1, gh*gw, C) for another resolution."""
+        if gh * gw == self.pos_embed.shape[1] and gh == gw == self.config.grid:
+            return self.pos_embed
+        g, C = self.config.grid, self.config.n_embd
+        grid = self.pos_embed.reshape(1, g, g, C).permute(0, 3, 1, 2)  # (1, C, g, g)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)  # (1, C, gh, gw)
+        return grid.permute(0, 2, 3, 1).reshape(1, gh * gw, C)
+
+    def forward(self, pixels):
+        assert pixels.dim() == 4 and pixels.shape[1] == 3, f"expected (B, 3, H, W) pixels, got {tuple(pixels.shape)}"
+        x = self.patch_embed(pixels)  # (B, C, gh, gw)
+        gh, gw = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        x = x + self.position_embeddings(gh, gw)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_f(x)  # (B, N, C)
+        return x, x.mean(dim=1)  # (B, N, C), (B, C)
+
+
+def _init_weights(m):
+    """GPT-2-style init: N(0, 0.02) weights, zero biases (conv patch embed like a linear layer)."""
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+

@@ -42,7 +42,8 @@ class ViTConfig:
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention: every patch sees every patch (no mask)."""
+    """Multi-head self-attention. The ViT passes no mask (every patch sees every patch); the
+    CLIP text tower reuses this block with a boolean (B, 1, T, T) causal-and-padding mask."""
 
     def __init__(self, n_embd, n_head):
         super().__init__()
@@ -51,27 +52,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None):
         B, N, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         q, k, v = (t.view(B, N, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, N, hd)
-        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, (B, nh, N, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # softmax(q k^T / sqrt(hd)) v, (B, nh, N, hd)
         return self.proj(y.transpose(1, 2).reshape(B, N, C))
 
 
 class Block(nn.Module):
     """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, cfg):
+    def __init__(self, n_embd, n_head, mlp_ratio=4.0):
         super().__init__()
-        hidden = int(cfg.n_embd * cfg.mlp_ratio)
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
-        self.attn = Attention(cfg.n_embd, cfg.n_head)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, hidden), nn.GELU(), nn.Linear(hidden, cfg.n_embd))
+        hidden = int(n_embd * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(n_embd)
+        self.attn = Attention(n_embd, n_head)
+        self.ln_2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, n_embd))
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -83,9 +84,9 @@ class ViT(nn.Module):
         self.config = cfg
         self.patch_embed = nn.Conv2d(3, cfg.n_embd, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.n_embd) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.mlp_ratio) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def position_embeddings(self, gh, gw):
         """Learned (1, g*g, C) grid, bicubically resized to (1, gh*gw, C) for another resolution."""
@@ -108,7 +109,7 @@ class ViT(nn.Module):
         return x, x.mean(dim=1)  # (B, N, C), (B, C)
 
 
-def _init_weights(m):
+def init_weights(m):
     """GPT-2-style init: N(0, 0.02) weights, zero biases (conv patch embed like a linear layer)."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.normal_(m.weight, std=0.02)

@@ -44,7 +44,7 @@ def _row_lse_and_target(row_ptr, target, V, inv_temp, n_cols, BLOCK_V: tl.conste
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block of -inf logits must not give nan
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
         m = m_new
-    lse = m + tl.log(s)
+    lse = m + tl.log(tl.where(s > 0, s, 1.0))  # a row with no columns read (masked) gives -inf, no warning
     z_target = tl.load(row_ptr + target, mask=n_cols > 0, other=0.0).to(tl.float32) * inv_temp
     return lse, z_target
 
@@ -108,10 +108,11 @@ def _policy_loss_bwd_kernel(
         dlogp = dlogp + tl.load(dkl_ptr + row) * dkl_dlogp
     dlogp = tl.where(valid, dlogp, 0.0)
     scale = dlogp * inv_temp  # d logp / d logits = (onehot - softmax(z)) / T
+    n_load = tl.where(valid, V, 0)  # masked tokens read no logits
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
-        z = tl.load(row_ptr + cols, mask=in_row & valid, other=0.0).to(tl.float32) * inv_temp  # (BLOCK_V,)
+        z = tl.load(row_ptr + cols, mask=cols < n_load, other=0.0).to(tl.float32) * inv_temp  # (BLOCK_V,)
         p = tl.exp(z - lse)
         grad = (tl.where(cols == target, 1.0, 0.0) - p) * scale
         grad = tl.where(valid, grad, 0.0)  # exact zeros on masked tokens
@@ -176,8 +177,9 @@ class FusedPolicyLoss(torch.autograd.Function):
         )
         ctx.save_for_backward(rows, ids_f, mask_f, old_f, adv_f, ref_f, lse)
         ctx.args = (B, L, V, has_ref, 1.0 / temperature, eps_low, eps_high, beta, logits.dtype)
+        clip_low, clip_high = clip_low.view(B, L).bool(), clip_high.view(B, L).bool()
         ctx.mark_non_differentiable(clip_low, clip_high)
-        return loss.view(B, L), kl.view(B, L), clip_low.view(B, L).bool(), clip_high.view(B, L).bool()
+        return loss.view(B, L), kl.view(B, L), clip_low, clip_high
 
     @staticmethod
     def backward(ctx, dloss, dkl, _dclip_low, _dclip_high):

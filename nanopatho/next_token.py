@@ -1,0 +1,156 @@
+"""The next-token training loop shared by stage 1 (train_pretrain.py) and stage 2
+(train_sft.py): both teach the VLM to continue token sequences that may hold an image,
+with the loss only where a loss mask is on.
+
+    examples = Examples(seqs=[(ids, loss_mask), ...], image_index=[i or -1, ...], images=uint8 (N,3,S,S))
+    train(cfg, model, tokenizer, train_examples, val_examples, run_config)
+
+One optimizer step = cfg.batch_size sequences x cfg.grad_accum micro-steps x world ranks.
+The summed token loss of every micro-batch is divided by the number of target tokens in
+the *whole* step (all micro-batches, all ranks), so accumulation and DDP give exactly the
+gradient of one large batch (tests/test_next_token.py checks this).
+"""
+
+import dataclasses
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanopatho import checkpoint, dist, training
+from nanopatho.config import field
+from nanopatho.data import augment, collate_lm, to_float
+
+
+@dataclasses.dataclass
+class Examples:
+    seqs: list          # [(ids, loss_mask)] token ids and 0/1 loss masks, unshifted
+    image_index: list   # row -> index into images, or -1 for a text-only row
+    images: torch.Tensor  # (N, 3, S, S) uint8
+
+    def __len__(self):
+        return len(self.seqs)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Fields every next-token stage shares (the scripts add their own)."""
+    preset: str = field("toy", "model/training size: toy | small | base")
+    data: str = field("data/synthpath", "data directory (manifest paths are relative to it)")
+    out_dir: str = field("out/run", "where checkpoints, metrics.jsonl and the final model go")
+    seed: int = field(0, "random seed (data order, augmentation, init)")
+    device: str = field("auto", "auto | cpu | cuda | mps")
+    max_steps: int = field(300, "optimizer steps")
+    batch_size: int = field(16, "sequences per micro-batch per rank")
+    grad_accum: int = field(1, "micro-batches per optimizer step")
+    lr: float = field(1e-3, "peak learning rate")
+    min_lr_ratio: float = field(0.1, "final learning rate as a fraction of the peak (cosine)")
+    warmup_steps: int = field(20, "linear warmup steps")
+    weight_decay: float = field(0.1, "AdamW weight decay on weight matrices")
+    grad_clip: float = field(1.0, "gradient-norm clip (0 = off)")
+    max_seq_len: int = field(256, "truncate sequences to this many tokens")
+    augment: bool = field(True, "flips / 90-degree rotations / stain jitter on training images")
+    eval_every: int = field(100, "validation loss every N steps (0 = only at the end)")
+    eval_batches: int = field(4, "validation micro-batches per evaluation")
+    save_every: int = field(100, "resumable snapshot every N steps (0 = only the final model)")
+    keep_checkpoints: int = field(2, "how many snapshots to keep")
+    resume: bool = field(False, "continue from the newest snapshot in out_dir")
+    on_nonfinite: str = field("skip", "non-finite loss/grad: skip the step | stop the run")
+    skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
+    allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
+    num_threads: int = field(0, "torch CPU threads (0 = torch default)")
+
+
+def make_batch(examples, indices, pad_id, generator, train_aug, device):
+    """Collate rows `indices` into model inputs; images in the order of their rows."""
+    batch = collate_lm([examples.seqs[i] for i in indices], pad_id)
+    rows = [examples.image_index[i] for i in indices if examples.image_index[i] >= 0]
+    pixels = None
+    if rows:
+        raw = examples.images[rows]  # (n_img, 3, S, S) uint8
+        pixels = augment(raw, generator) if train_aug else to_float(raw)
+        pixels = pixels.to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["pixel_values"] = pixels
+    return batch
+
+
+def batch_loss_sum(model, batch):
+    """Summed next-token loss over the batch's target tokens, and their count."""
+    _, loss_sum = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+                        targets=batch["targets"], loss_mask=batch["loss_mask"], reduction="sum")
+    n_tokens = (batch["loss_mask"] * (batch["targets"] >= 0)).sum()
+    return loss_sum, n_tokens
+
+
+@torch.no_grad()
+def validation_loss(model, examples, cfg, pad_id, device):
+    """Mean token loss over the first eval_batches * batch_size validation rows (fixed)."""
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    n = min(len(examples), cfg.eval_batches * cfg.batch_size * dist.world_size())
+    mine = list(range(dist.rank(), n, dist.world_size()))
+    for start in range(0, len(mine), cfg.batch_size):
+        batch = make_batch(examples, mine[start:start + cfg.batch_size], pad_id, None, False, device)
+        with training.autocast(device):
+            loss_sum, n_tokens = batch_loss_sum(model, batch)
+        total += loss_sum.float()
+        count += n_tokens
+    model.train()
+    dist.all_reduce_sum(total)
+    dist.all_reduce_sum(count)
+    return (total / count.clamp(min=1)).item()
+
+
+def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=None, stage="train"):
+    """Run the optimizer loop; returns a summary dict. `grad_filter(step, model)` may drop
+    gradients before the update (stage 1's projector-only alignment phase)."""
+    device = next(model.parameters()).device
+    ddp_model = training.wrap_ddp(model, device)
+    optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start_step, skipped_steps = 0, 0
+    snapshot = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if snapshot:
+        state = checkpoint.load_train_state(snapshot, model, optimizer)
+        start_step, skipped_steps = state["step"], state["skipped_steps"]
+        training.print0(f"[{stage}] resumed from {snapshot} at step {start_step}")
+    log = training.MetricsLog(cfg.out_dir, resume_step=start_step if snapshot else None)
+    bar = tqdm(range(start_step, cfg.max_steps), desc=stage, disable=not dist.is_main(), dynamic_ncols=True)
+    t0, val = time.time(), float("nan")
+    for step in bar:
+        lr = training.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        training.set_lr(optimizer, lr)
+        batches = []
+        for micro in range(cfg.grad_accum):
+            idx = training.batch_indices(len(train_set), cfg.batch_size, step * cfg.grad_accum + micro,
+                                         cfg.seed, dist.rank(), dist.world_size())
+            gen = training.generator_for(cfg.seed, step, micro, dist.rank())
+            batches.append(make_batch(train_set, idx, tokenizer.pad_id, gen, cfg.augment, device))
+        local_tokens = sum(int((b["loss_mask"] * (b["targets"] >= 0)).sum()) for b in batches)
+        n_global = training.global_count(local_tokens, device)  # tokens in the whole optimizer step
+        step_loss = 0.0
+        for micro, batch in enumerate(batches):
+            with training.no_sync_unless(ddp_model, micro == len(batches) - 1), training.autocast(device):
+                loss_sum, _ = batch_loss_sum(ddp_model, batch)
+                loss = loss_sum / n_global  # this micro-batch's share of the step's mean token loss
+                loss.backward()
+            step_loss += loss.item()
+        if grad_filter is not None:
+            grad_filter(step, model)
+        grad_norm, stepped = training.optimizer_step(ddp_model, optimizer, cfg.grad_clip, cfg.on_nonfinite)
+        skipped_steps += 0 if stepped else 1
+        loss_t = dist.all_reduce_sum(torch.tensor(step_loss, device=device)).item()
+        last = step == cfg.max_steps - 1
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+            val = validation_loss(ddp_model, val_set, cfg, tokenizer.pad_id, device) if len(val_set) else float("nan")
+        log.write(step=step + 1, loss=loss_t, val_loss=val, lr=lr, grad_norm=grad_norm, tokens=n_global,
+                  skipped_steps=skipped_steps, elapsed=time.time() - t0)
+        bar.set_postfix(loss=f"{loss_t:.3f}", val=f"{val:.3f}", lr=f"{lr:.1e}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last and dist.is_main():
+            checkpoint.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, run_config, optimizer,
+                                       {"step": step + 1, "skipped_steps": skipped_steps}, keep=cfg.keep_checkpoints)
+        dist.barrier()
+    if dist.is_main():
+        checkpoint.save_model(cfg.out_dir, model, tokenizer, run_config)
+    return {"final_val_loss": val, "skipped_steps": skipped_steps, "seconds": time.time() - t0}

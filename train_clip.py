@@ -1,0 +1,163 @@
+"""PathoCLIP: contrastive image-text training on the caption corpus, then its evaluation.
+
+Patho-R1 trains PathoCLIP on the same captions as its continued pretraining to check
+image-text alignment; here its image tower also seeds the VLM (train_pretrain.py
+--vision_init out/clip). Loss: symmetric InfoNCE with a learnable temperature
+(logit scale initialised to 1/0.07, clamped at 100 after every step). Under torchrun
+each rank's features are gathered from every rank *with gradient*, so every rank's
+loss sees the global batch's negatives (nanopatho/clip.py:clip_loss).
+
+    python train_clip.py --preset toy                       # ~minutes on 2 CPU cores
+    torchrun --nproc_per_node=8 train_clip.py --preset small
+    python train_clip.py --help
+
+Writes out_dir/{config.json, model.safetensors, tokenizer.json, metrics.jsonl, eval.json}.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanopatho import checkpoint, dist, training
+from nanopatho.clip import PathoCLIP, clip_loss
+from nanopatho.config import field, parse_config, to_dict
+from nanopatho.data import DataError, augment, load_pairs, pad_sequences, preload_images
+from nanopatho.evaluate import eval_clip
+from nanopatho.presets import clip_config, count_params
+from nanopatho.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Config:
+    preset: str = field("toy", "model/training size: toy | small | base")
+    data: str = field("data/synthpath", "data directory (manifest paths are relative to it)")
+    train_file: str = field("captions_train.jsonl", "image-caption pairs: JSONL, CSV/TSV or WebDataset .tar")
+    tokenizer: str = field("", "tokenizer.json (default: <data>/tokenizer.json)")
+    out_dir: str = field("out/clip", "output directory")
+    seed: int = field(0, "random seed")
+    device: str = field("auto", "auto | cpu | cuda | mps")
+    max_steps: int = field(600, "optimizer steps")
+    batch_size: int = field(128, "image-text pairs per micro-batch per rank")
+    grad_accum: int = field(1, "micro-batches per optimizer step (negatives stay within a micro-batch x ranks)")
+    lr: float = field(1e-3, "peak learning rate")
+    min_lr_ratio: float = field(0.1, "final learning rate as a fraction of the peak")
+    warmup_steps: int = field(30, "linear warmup steps")
+    weight_decay: float = field(0.1, "AdamW weight decay on weight matrices")
+    grad_clip: float = field(1.0, "gradient-norm clip (0 = off)")
+    max_logit_scale: float = field(100.0, "clamp of the learned logit scale (1 / temperature)")
+    augment: bool = field(True, "flips / rotations / stain jitter on training images")
+    eval_every: int = field(200, "zero-shot accuracy every N steps (0 = only at the end)")
+    eval_tasks: str = field("zeroshot,retrieval,linear_probe", "final evaluation tasks")
+    save_every: int = field(200, "resumable snapshot every N steps (0 = only the final model)")
+    keep_checkpoints: int = field(2, "how many snapshots to keep")
+    resume: bool = field(False, "continue from the newest snapshot in out_dir")
+    on_nonfinite: str = field("skip", "non-finite loss/grad: skip the step | stop the run")
+    skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
+    allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
+    csv_img_key: str = field("filepath", "CSV column holding the image path")
+    csv_caption_key: str = field("title", "CSV column holding the caption")
+    csv_sep: str = field(",", "CSV separator")
+    num_threads: int = field(0, "torch CPU threads (0 = torch default)")
+
+
+PRESETS = {
+    "toy": dict(max_steps=600, batch_size=128, lr=1e-3, warmup_steps=30),
+    "small": dict(max_steps=10000, batch_size=256, lr=5e-4, warmup_steps=500),
+    "base": dict(max_steps=30000, batch_size=512, lr=5e-4, warmup_steps=2000),
+}
+
+
+def load_data(cfg, tokenizer, image_size, text_len):
+    """Unique images (uint8) and, per image, the token ids of each of its captions."""
+    path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
+    pairs, skipped = load_pairs(path, skip_bad=cfg.skip_bad_samples, allow_outside_root=cfg.allow_outside_root,
+                                csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key, csv_sep=cfg.csv_sep)
+    by_image = {}
+    for p in pairs:
+        key = p["image"] if isinstance(p["image"], str) else p["source"]
+        by_image.setdefault(key, {"image": p["image"], "source": p["source"], "captions": []})
+        by_image[key]["captions"].append(tokenizer.encode(p["caption"])[: text_len - 1] + [tokenizer.eos_id])
+    images, kept, bad = preload_images(list(by_image.values()), image_size, skip_bad=cfg.skip_bad_samples,
+                                       desc="clip images")
+    return images, [item["captions"] for item in kept], skipped + bad
+
+
+def make_batch(images, captions, indices, pad_id, gen, use_aug, device):
+    """Pixels (B,3,S,S) and one randomly chosen caption per image, right-padded."""
+    pixels = augment(images[indices], gen) if use_aug else images[indices].float()
+    pick = torch.randint(0, 1 << 30, (len(indices),), generator=gen).tolist()
+    texts = [captions[i][pick[j] % len(captions[i])] for j, i in enumerate(indices)]
+    ids, mask = pad_sequences(texts, pad_id, side="right")  # (B, T) each
+    return pixels.to(device), ids.to(device), mask.to(device)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = training.setup(cfg.seed, cfg.device)
+    try:
+        tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
+        model = PathoCLIP(clip_config(cfg.preset, tokenizer.vocab_size))
+        images, captions, bad = load_data(cfg, tokenizer, model.config.vision.image_size, model.config.text.max_len)
+    except (DataError, checkpoint.CheckpointError, FileNotFoundError) as e:
+        training.fail(str(e))
+    training.print0(f"[clip] {len(captions)} images, {sum(map(len, captions))} captions; skipped bad samples: {bad}; "
+                    f"params: {count_params(model)}")
+    model.to(device)
+    ddp_model = training.wrap_ddp(model, device)
+    optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start, skipped_steps = 0, 0
+    snapshot = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if snapshot:
+        state = checkpoint.load_train_state(snapshot, model, optimizer)
+        start, skipped_steps = state["step"], state["skipped_steps"]
+        training.print0(f"[clip] resumed from {snapshot} at step {start}")
+    log = training.MetricsLog(cfg.out_dir, resume_step=start if snapshot else None)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.max_steps), desc="clip", disable=not dist.is_main(), dynamic_ncols=True)
+    for step in bar:
+        lr = training.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        training.set_lr(optimizer, lr)
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = training.batch_indices(len(captions), cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed,
+                                         dist.rank(), dist.world_size())
+            gen = training.generator_for(cfg.seed, step, micro, dist.rank())
+            pixels, ids, mask = make_batch(images, captions, idx, tokenizer.pad_id, gen, cfg.augment, device)
+            with training.no_sync_unless(ddp_model, micro == cfg.grad_accum - 1), training.autocast(device):
+                img_f, txt_f, scale = ddp_model(pixels, ids, mask)  # (B, D), (B, D), ()
+                loss = clip_loss(img_f.float(), txt_f.float(), scale.float()) / cfg.grad_accum
+                loss.backward()
+            step_loss += loss.item()
+        grad_norm, stepped = training.optimizer_step(ddp_model, optimizer, cfg.grad_clip, cfg.on_nonfinite)
+        skipped_steps += 0 if stepped else 1
+        model.clamp_logit_scale(cfg.max_logit_scale)
+        row = dict(step=step + 1, loss=step_loss, lr=lr, grad_norm=grad_norm, logit_scale=model.logit_scale.exp().item(),
+                   skipped_steps=skipped_steps, elapsed=time.time() - t0)
+        last = step == cfg.max_steps - 1
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last and dist.is_main():
+            row["zeroshot_acc"] = eval_clip(model, tokenizer, cfg.data, ["zeroshot"], device=device)["zeroshot"]["accuracy"]
+            model.train()
+        log.write(**row)
+        bar.set_postfix(loss=f"{step_loss:.3f}", scale=f"{row['logit_scale']:.1f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last and dist.is_main():
+            checkpoint.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, to_dict(cfg), optimizer,
+                                       {"step": step + 1, "skipped_steps": skipped_steps}, keep=cfg.keep_checkpoints)
+        dist.barrier()
+    if dist.is_main():
+        checkpoint.save_model(cfg.out_dir, model, tokenizer, to_dict(cfg))
+        tasks = [t for t in cfg.eval_tasks.split(",") if t]
+        results = eval_clip(model, tokenizer, cfg.data, tasks, device=device, out_path=os.path.join(cfg.out_dir, "eval.json"))
+        zs = results.get("zeroshot", {})
+        training.print0(f"[clip] done in {time.time() - t0:.0f}s: zero-shot acc {zs.get('accuracy', float('nan')):.3f} "
+                        f"(chance {zs.get('chance', float('nan')):.3f}), skipped steps {skipped_steps} -> {cfg.out_dir}")
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

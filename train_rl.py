@@ -1,0 +1,350 @@
+"""Stage 3 of Patho-R1: reinforcement learning with verifiable rewards, GRPO or DAPO,
+written out by hand.
+
+One step, in the order the code runs it:
+  1. rollout   — sample G completions per prompt with the KV-cache generator at temperature T
+  2. reward    — 0.1 * format (`<think>…</think><answer>…</answer>`) + 0.9 * accuracy, per completion
+                 (DAPO adds the overlong-length shaping term)
+  3. filter    — DAPO dynamic sampling: drop groups whose G rewards are all equal (zero advantage,
+                 zero gradient), sample more prompts until the batch is full or --max_gen_rounds
+  4. advantage — A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
+  5. old/ref log-probs — recomputed without grad (see `score` for why not the sampler's)
+  6. update    — --ppo_epochs passes over --num_minibatches mini-batches, clipped surrogate loss
+                 (GRPO: symmetric clip, k3 KL to the frozen SFT model, seq-mean-token-mean;
+                  DAPO: clip-higher, no KL, token-mean over the global batch)
+  7. log / eval / save
+
+    python train_rl.py --preset toy --algo grpo --init out/sft --out_dir out/rl_grpo
+    python train_rl.py --preset toy --algo dapo --init out/sft --out_dir out/rl_dapo
+    torchrun --nproc_per_node=8 train_rl.py --preset small --algo dapo --init out/sft
+    python train_rl.py --help
+
+Why the loss printed here hovers around 0: with on-policy data the ratio is 1 at the first
+mini-batch, so the surrogate equals the mean advantage, which group normalisation makes ~0.
+Its gradient, A * grad(log p), is not 0 — that is what moves the policy.
+"""
+
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanopatho import checkpoint, dist, rl, training
+from nanopatho.config import field, parse_config, to_dict
+from nanopatho.data import DataError, load_records, pad_sequences, preload_images, to_float
+from nanopatho.evaluate import eval_vlm
+from nanopatho.kernels import fused_policy_loss, token_logprobs
+from nanopatho.prompts import format_question
+from nanopatho.rewards import accuracy_reward, format_reward
+
+
+@dataclasses.dataclass
+class Config:
+    preset: str = field("toy", "training size: toy | small | base")
+    algo: str = field("grpo", "grpo | dapo (sets the defaults marked 'algo default')")
+    init: str = field("out/sft", "VLM checkpoint to start from (stage 2 output); also the KL reference")
+    data: str = field("data/synthpath", "data directory")
+    train_file: str = field("rl_train.jsonl", "questions with verifiable answers (relative to --data)")
+    out_dir: str = field("out/rl", "output directory")
+    seed: int = field(0, "random seed (prompt order, sampling)")
+    device: str = field("auto", "auto | cpu | cuda | mps")
+    max_steps: int = field(40, "RL steps (one rollout batch each)")
+    prompts_per_step: int = field(16, "prompts per rank per step (groups kept after filtering)")
+    group_size: int = field(8, "G: completions sampled per prompt")
+    temperature: float = field(1.0, "sampling temperature (the loss uses log-probs of logits / T)")
+    top_p: float = field(1.0, "nucleus sampling during rollouts (1 = off)")
+    max_new_tokens: int = field(64, "L_max: completion length limit")
+    lr: float = field(1e-5, "learning rate (constant after warmup)")
+    warmup_steps: int = field(0, "linear warmup steps")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    grad_clip: float = field(1.0, "gradient-norm clip (0 = off)")
+    ppo_epochs: int = field(1, "mu: passes over each rollout batch")
+    num_minibatches: int = field(2, "optimizer steps per pass over the rollout batch")
+    eps_low: float = field(0.2, "lower clip range epsilon_low")
+    eps_high: float = field(-1.0, "upper clip range epsilon_high (algo default: 0.2 GRPO, 0.28 DAPO)")
+    beta: float = field(-1.0, "k3 KL weight to the reference model (algo default: 0.04 GRPO, 0 DAPO)")
+    agg: str = field("", "loss aggregation (algo default: seq-mean-token-mean GRPO, token-mean DAPO)")
+    adv_scale: str = field("group", "advantage normalisation: group | batch | none (Dr. GRPO)")
+    dynamic_sampling: int = field(-1, "drop zero-spread groups and resample (algo default: 0 GRPO, 1 DAPO)")
+    max_gen_rounds: int = field(3, "dynamic sampling: at most this many rollout rounds per step")
+    overlong_shaping: int = field(-1, "DAPO length penalty in the last cache_len tokens (algo default: 0 GRPO, 1 DAPO)")
+    overlong_cache: int = field(16, "L_cache: soft-penalty window before max_new_tokens")
+    overlong_filter: bool = field(False, "mask completions cut at max_new_tokens out of the loss")
+    w_format: float = field(0.1, "reward weight of the format check")
+    w_acc: float = field(0.9, "reward weight of the accuracy check")
+    entropy_coef: float = field(0.0, "entropy bonus (0 = only logged)")
+    loss_impl: str = field("auto", "policy-loss implementation: auto (Triton on CUDA) | torch | triton")
+    eval_every: int = field(20, "held-out MCQ accuracy every N steps (0 = only at the end)")
+    eval_limit: int = field(200, "MCQ items used by the periodic evaluation")
+    save_every: int = field(20, "resumable snapshot every N steps")
+    keep_checkpoints: int = field(2, "how many snapshots to keep")
+    resume: bool = field(False, "continue from the newest snapshot in out_dir")
+    on_nonfinite: str = field("skip", "non-finite loss/grad: skip the step | stop the run")
+    skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
+    allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
+    num_threads: int = field(0, "torch CPU threads (0 = torch default)")
+
+
+PRESETS = {
+    "toy": dict(max_steps=40, prompts_per_step=16, group_size=8, lr=1e-5, max_new_tokens=64),
+    "small": dict(max_steps=500, prompts_per_step=32, group_size=8, lr=2e-6, max_new_tokens=512),
+    "base": dict(max_steps=1000, prompts_per_step=64, group_size=8, lr=1e-6, max_new_tokens=1024),
+}
+ALGO_DEFAULTS = {
+    "grpo": dict(eps_high=0.2, beta=0.04, agg="seq-mean-token-mean", dynamic_sampling=0, overlong_shaping=0),
+    "dapo": dict(eps_high=0.28, beta=0.0, agg="token-mean", dynamic_sampling=1, overlong_shaping=1),
+}
+
+
+def apply_algo_defaults(cfg):
+    """Fill every field left at its 'algo default' sentinel from ALGO_DEFAULTS[cfg.algo]."""
+    if cfg.algo not in ALGO_DEFAULTS:
+        training.fail(f"--algo must be one of {sorted(ALGO_DEFAULTS)}, got {cfg.algo!r}")
+    for name, value in ALGO_DEFAULTS[cfg.algo].items():
+        if getattr(cfg, name) in (-1, -1.0, ""):
+            setattr(cfg, name, value)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# rollout
+
+def prompt_batch(tokenizer, model, items, images, indices, group_size, device):
+    """Left-padded chat prompts, each repeated G times, and their images."""
+    prompts = [tokenizer.render_prompt(format_question(items[i]["question"], items[i].get("options")),
+                                       model.n_image_tokens) for i in indices]
+    ids, mask = pad_sequences(prompts, tokenizer.pad_id, side="left")  # (P, Tp)
+    ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)  # (P*G, Tp)
+    pixels = to_float(images[indices]).repeat_interleave(group_size, 0)  # (P*G, 3, S, S)
+    return ids.to(device), mask.to(device), pixels.to(device)
+
+
+def completion_texts(tokenizer, ids, mask):
+    """Decode each completion's real tokens, without the end-of-turn marker."""
+    stops = {tokenizer.im_end_id, tokenizer.eos_id}
+    return [tokenizer.decode([t for t, m in zip(row, keep) if m and t not in stops])
+            for row, keep in zip(ids.tolist(), mask.tolist())]
+
+
+@torch.no_grad()
+def rollout(cfg, model, tokenizer, items, images, indices, gen, device):
+    """Sample G completions for each prompt and score them. Returns a dict of tensors."""
+    model.eval()
+    p_ids, p_mask, pixels = prompt_batch(tokenizer, model, items, images, indices, cfg.group_size, device)
+    out = model.generate(p_ids, pixels, attention_mask=p_mask, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else None,
+                         stop_ids=(tokenizer.im_end_id, tokenizer.eos_id), pad_id=tokenizer.pad_id, generator=gen)
+    model.train()
+    c_mask = out.mask  # (B, N) bool, B = P * G
+    texts = completion_texts(tokenizer, out.ids, c_mask)
+    answers = [(items[i]["answer"], items[i]["kind"]) for i in indices for _ in range(cfg.group_size)]
+    fmt = torch.tensor([format_reward(t) for t in texts])
+    acc = torch.tensor([accuracy_reward(t, a, k) for t, (a, k) in zip(texts, answers)])
+    lengths = c_mask.sum(1).cpu()  # (B,)
+    last_ids = out.ids.gather(1, (lengths - 1).clamp(min=0).to(out.ids.device)[:, None])[:, 0].cpu()
+    truncated = ~torch.isin(last_ids, torch.tensor([tokenizer.im_end_id, tokenizer.eos_id]))
+    reward = cfg.w_format * fmt + cfg.w_acc * acc  # (B,)
+    if cfg.overlong_shaping:
+        reward = reward + rl.overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
+    return dict(prompt_ids=p_ids, prompt_mask=p_mask, pixels=pixels, ids=out.ids, mask=c_mask,
+                reward=reward.float(), acc=acc.float(), fmt=fmt.float(), length=lengths.float(),
+                truncated=truncated)
+
+
+def cat_rollouts(parts):
+    """Concatenate rollout dicts along the batch (prompts padded to a common width)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for key in parts[0]:
+        tensors = [p[key] for p in parts]
+        if key in ("prompt_ids", "prompt_mask"):  # left-padded: pad on the left to the widest
+            width = max(t.shape[1] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (width - t.shape[1], 0)) for t in tensors]
+        elif key in ("ids", "mask"):  # right-padded completions
+            width = max(t.shape[1] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors]
+        out[key] = torch.cat(tensors, 0)
+    return out
+
+
+def select_groups(batch, keep, group_size):
+    """Keep whole groups (keep: (num_groups,) bool)."""
+    rows = keep.repeat_interleave(group_size).nonzero()[:, 0]
+    return {k: v[rows.to(v.device)] for k, v in batch.items()}
+
+
+def collect(cfg, model, tokenizer, items, images, step, device):
+    """Rollouts for one step. GRPO: one round. DAPO: keep informative groups, resample up to
+    max_gen_rounds rounds until prompts_per_step groups are kept, then train on what there is."""
+    kept, n_groups, n_kept, rounds = [], 0, 0, 0
+    while rounds < max(1, cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
+        idx = training.batch_indices(len(items), cfg.prompts_per_step, step * cfg.max_gen_rounds + rounds,
+                                     cfg.seed, dist.rank(), dist.world_size())
+        gen = training.generator_for(cfg.seed, step, rounds, dist.rank())
+        batch = rollout(cfg, model, tokenizer, items, images, idx, gen, device)
+        rounds += 1
+        n_groups += len(idx)
+        if cfg.dynamic_sampling:
+            keep = rl.informative_groups(batch["reward"], cfg.group_size)  # (P,) bool
+            batch = select_groups(batch, keep, cfg.group_size)
+            kept.append(batch)
+            n_kept += int(keep.sum())
+            if n_kept >= cfg.prompts_per_step:
+                break
+        else:
+            kept.append(batch)
+            n_kept += len(idx)
+    batch = cat_rollouts(kept)
+    limit = min(n_kept, cfg.prompts_per_step) * cfg.group_size
+    batch = {k: v[:limit] for k, v in batch.items()}
+    return batch, dict(gen_rounds=rounds, groups_sampled=n_groups, groups_kept=min(n_kept, cfg.prompts_per_step))
+
+
+# -----------------------------------------------------------------------------
+# scoring and update
+
+def completion_logits(model, batch, rows):
+    """Logits scoring each completion token: (b, N, V). Position t of the completion is
+    predicted from the sequence up to the token before it."""
+    ids = torch.cat([batch["prompt_ids"][rows], batch["ids"][rows]], 1)  # (b, Tp + N)
+    attn = torch.cat([batch["prompt_mask"][rows], batch["mask"][rows].long()], 1)
+    logits, _ = model(ids, batch["pixels"][rows], attention_mask=attn)  # (b, Tp + N, V)
+    tp, n = batch["prompt_ids"].shape[1], batch["ids"].shape[1]
+    return logits[:, tp - 1:tp + n - 1]
+
+
+@torch.no_grad()
+def score(model, batch, temperature, impl, chunk=16):
+    """Per-token log-probs of the sampled completions under `model`, without grad.
+
+    Old log-probs are recomputed with the same forward the update uses rather than taken
+    from the sampler: the KV-cache sampler runs other kernel shapes (and, on GPU, other
+    precisions), so its numbers differ by rounding noise; a ratio that is not exactly 1
+    before any update would clip tokens for no reason."""
+    out = []
+    for start in range(0, batch["ids"].shape[0], chunk):
+        rows = torch.arange(start, min(start + chunk, batch["ids"].shape[0]))
+        logits = completion_logits(model, batch, rows)
+        out.append(token_logprobs(logits, batch["ids"][rows], temperature=temperature, impl=impl))
+    return torch.cat(out, 0)  # (B, N)
+
+
+def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device):
+    """ppo_epochs x num_minibatches optimizer steps on one rollout batch. Returns mean stats."""
+    n_rows = batch["ids"].shape[0]
+    stats_sum, n_updates = {}, 0
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(n_rows, generator=training.generator_for(cfg.seed, 99, epoch, dist.rank()))
+        for rows in order.chunk(max(1, min(cfg.num_minibatches, n_rows))):
+            mask = loss_mask[rows]  # (b, N)
+            n_global = training.global_count(int(mask.sum()), device)  # token-mean's denominator, all ranks
+            logits = completion_logits(ddp_model, batch, rows)  # (b, N, V)
+            loss, stats = fused_policy_loss(
+                logits, batch["ids"][rows], logp_old[rows], adv[rows], mask, temperature=cfg.temperature,
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, logp_ref=None if logp_ref is None else logp_ref[rows],
+                beta=cfg.beta, agg=cfg.agg, num_tokens=n_global, max_len=cfg.max_new_tokens, impl=cfg.loss_impl)
+            if cfg.agg == "token-mean":
+                loss = loss * dist.world_size()  # DDP averages gradients over ranks; the sum over ranks is wanted
+            entropy = rl.entropy_from_logits(logits.detach() / cfg.temperature, mask)
+            if cfg.entropy_coef:
+                loss = loss - cfg.entropy_coef * rl.entropy_from_logits(logits / cfg.temperature, mask)
+            loss.backward()
+            grad_norm, stepped = training.optimizer_step(ddp_model, optimizer, cfg.grad_clip, cfg.on_nonfinite)
+            stats = {k: float(v) for k, v in stats.items()}
+            stats.update(loss=loss.item(), entropy=float(entropy), grad_norm=grad_norm, skipped=0.0 if stepped else 1.0)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v
+            n_updates += 1
+    return {k: v / max(n_updates, 1) for k, v in stats_sum.items()}
+
+
+def global_mean(values, device):
+    """Mean of a per-rollout quantity over every rank's rows."""
+    t = torch.tensor([float(values.sum()), float(values.numel())], device=device)
+    dist.all_reduce_sum(t)
+    return (t[0] / t[1].clamp(min=1)).item()
+
+
+# -----------------------------------------------------------------------------
+
+def load_questions(cfg, image_size):
+    path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
+    items, skipped = load_records(path, ("image", "question", "answer", "kind"), skip_bad=cfg.skip_bad_samples,
+                                  allow_outside_root=cfg.allow_outside_root)
+    images, items, bad = preload_images(items, image_size, skip_bad=cfg.skip_bad_samples, desc="rl images")
+    return items, images, skipped + bad
+
+
+def main(argv=None):
+    cfg = apply_algo_defaults(parse_config(Config, PRESETS, argv, description=__doc__))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = training.setup(cfg.seed, cfg.device)
+    try:
+        model, _, tokenizer = checkpoint.load(cfg.init, expect="vlm")
+        ref = checkpoint.load(cfg.init, expect="vlm")[0] if cfg.beta > 0 else None
+        items, images, bad = load_questions(cfg, model.config.vision.image_size)
+    except (DataError, checkpoint.CheckpointError, FileNotFoundError) as e:
+        training.fail(str(e))
+    model.to(device)
+    if ref is not None:
+        ref.to(device).eval().requires_grad_(False)
+    ddp_model = training.wrap_ddp(model, device)
+    optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start, skipped_steps = 0, 0
+    snapshot = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if snapshot:
+        state = checkpoint.load_train_state(snapshot, model, optimizer)
+        start, skipped_steps = state["step"], state["skipped_steps"]
+        training.print0(f"[rl] resumed from {snapshot} at step {start}")
+    training.print0(f"[rl] {cfg.algo}: {len(items)} questions, skipped bad samples {bad}; eps=({cfg.eps_low}, "
+                    f"{cfg.eps_high}) beta={cfg.beta} agg={cfg.agg} dynamic_sampling={cfg.dynamic_sampling} "
+                    f"overlong_shaping={cfg.overlong_shaping} loss_impl={cfg.loss_impl}")
+    log = training.MetricsLog(cfg.out_dir, resume_step=start if snapshot else None)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.max_steps), desc=f"rl-{cfg.algo}", disable=not dist.is_main(), dynamic_ncols=True)
+    for step in bar:
+        training.set_lr(optimizer, training.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, min_ratio=1.0))
+        t_gen = time.time()
+        batch, sampling = collect(cfg, model, tokenizer, items, images, step, device)
+        t_gen = time.time() - t_gen
+        t_upd = time.time()
+        row = dict(step=step + 1, reward=global_mean(batch["reward"], device), accuracy=global_mean(batch["acc"], device),
+                   format_rate=global_mean(batch["fmt"], device), response_length=global_mean(batch["length"], device),
+                   truncated=global_mean(batch["truncated"].float(), device), **sampling)
+        if batch["ids"].shape[0] > 0:
+            adv = rl.group_advantages(batch["reward"], cfg.group_size, scale=cfg.adv_scale).to(device)  # (B,)
+            loss_mask = batch["mask"].float()
+            if cfg.overlong_filter:
+                loss_mask = loss_mask * (~batch["truncated"]).float().to(device)[:, None]
+            logp_old = score(model, batch, cfg.temperature, cfg.loss_impl)
+            logp_ref = score(ref, batch, cfg.temperature, cfg.loss_impl) if ref is not None else None
+            row.update(update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device))
+            row["reward_std"] = batch["reward"].std().item() if batch["reward"].numel() > 1 else 0.0
+            skipped_steps += int(row.get("skipped", 0) > 0)
+        row.update(gen_seconds=t_gen, update_seconds=time.time() - t_upd, skipped_steps=skipped_steps,
+                   elapsed=time.time() - t0)
+        last = step == cfg.max_steps - 1
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+            if dist.is_main():
+                row["mcq_acc"] = eval_vlm(model, tokenizer, cfg.data, ["mcq"], limit=cfg.eval_limit,
+                                          device=device)["mcq"]["accuracy"]
+            model.train()
+        log.write(**row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", len=f"{row['response_length']:.0f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last and dist.is_main():
+            checkpoint.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, to_dict(cfg), optimizer,
+                                       {"step": step + 1, "skipped_steps": skipped_steps}, keep=cfg.keep_checkpoints)
+        dist.barrier()
+    if dist.is_main():
+        checkpoint.save_model(cfg.out_dir, model, tokenizer, to_dict(cfg))
+        training.print0(f"[rl] {cfg.algo} done in {time.time() - t0:.0f}s -> {cfg.out_dir}")
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

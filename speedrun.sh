@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The whole Patho-R1 recipe on a laptop, end to end:
+#   set-up -> SynthPath (+ tokenizer) -> PathoCLIP -> stage 1 pretrain -> stage 2 SFT
+#   -> stage 3 RL twice from the same SFT model (GRPO, DAPO) -> evaluation -> out/report.md
+#
+#   bash speedrun.sh                      # toy preset, seed 0 (~20 min on 2 CPU cores)
+#   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report
+#   bash speedrun.sh --preset small       # one GPU
+#   PYTHON=python3.11 OUT=out DATA=data/synthpath bash speedrun.sh
+#
+# Every stage prints one summary line; logs are under $OUT/seed<k>/<stage>/.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=toy
+SEEDS=0
+OUT=${OUT:-out}
+DATA=${DATA:-data/synthpath}
+PYTHON=${PYTHON:-python}
+SKIP_SETUP=${SKIP_SETUP:-0}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET=$2; shift 2 ;;
+    --seeds) SEEDS=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --skip_setup) SKIP_SETUP=1; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "unknown flag $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+# ---------------------------------------------------------------- set-up
+if [ "$SKIP_SETUP" != 1 ]; then
+  if ! $PYTHON -c "import torch" 2>/dev/null; then
+    # a CPU build where one is on disk; elsewhere the default build of torch
+    $PYTHON -m pip install -q torch==2.13.0 || $PYTHON -m pip install -q "torch>=2.4"
+  fi
+  $PYTHON -m pip install -q -r requirements.txt
+fi
+mkdir -p "$OUT"
+
+stage() {  # stage NAME LOGFILE CMD... : run, time, keep the log, print its last line
+  local name=$1 log=$2; shift 2
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$log" | grep -E "^\[(clip|pretrain|sft|rl)\] done|^error" || true
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" != 0 ]; then echo "stage $name failed (exit $rc), see $log" >&2; exit "$rc"; fi
+  echo "{\"stage\": \"$name\", \"seconds\": $((SECONDS - t0))}" >> "$(dirname "$log")/times.jsonl"
+}
+
+# ---------------------------------------------------------------- data
+if [ ! -f "$DATA/meta.json" ] || [ ! -f "$DATA/tokenizer.json" ]; then
+  t0=$SECONDS
+  $PYTHON data/synthpath/prepare.py --out "$DATA" --seed 0
+  echo "[data] SynthPath ready in $((SECONDS - t0))s -> $DATA"
+fi
+
+# ---------------------------------------------------------------- stages, per seed
+for SEED in ${SEEDS//,/ }; do
+  O="$OUT/seed$SEED"
+  mkdir -p "$O"
+  rm -f "$O/times.jsonl"
+  common=(--preset "$PRESET" --data "$DATA" --seed "$SEED")
+  stage clip "$O/clip.log" $PYTHON train_clip.py "${common[@]}" --out_dir "$O/clip"
+  stage pretrain "$O/pretrain.log" $PYTHON train_pretrain.py "${common[@]}" --vision_init "$O/clip" --out_dir "$O/pretrain"
+  stage sft "$O/sft.log" $PYTHON train_sft.py "${common[@]}" --init "$O/pretrain" --out_dir "$O/sft"
+  stage rl_grpo "$O/rl_grpo.log" $PYTHON train_rl.py "${common[@]}" --algo grpo --init "$O/sft" --out_dir "$O/rl_grpo"
+  stage rl_dapo "$O/rl_dapo.log" $PYTHON train_rl.py "${common[@]}" --algo dapo --init "$O/sft" --out_dir "$O/rl_dapo"
+  for CK in pretrain sft rl_grpo rl_dapo; do
+    $PYTHON -m nanopatho.evaluate --ckpt "$O/$CK" --data "$DATA" --tasks mcq,vqa --quiet
+  done
+done
+
+# ---------------------------------------------------------------- report
+$PYTHON -m nanopatho.report --out "$OUT" --data "$DATA" --seeds "$SEEDS" --preset "$PRESET"
+echo "report: $OUT/report.md"

@@ -15,6 +15,7 @@ Writes out_dir/{config.json, model.safetensors, tokenizer.json, metrics.jsonl, e
 """
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from nanopatho import checkpoint, dist, training
 from nanopatho.clip import PathoCLIP, clip_loss
 from nanopatho.config import field, parse_config, to_dict
-from nanopatho.data import DataError, augment, load_pairs, pad_sequences, preload_images
+from nanopatho.data import DataError, augment, load_pairs, pad_sequences, preload_images, to_float
 from nanopatho.evaluate import eval_clip
 from nanopatho.presets import clip_config, count_params
 from nanopatho.tokenizer import Tokenizer
@@ -88,7 +89,7 @@ def load_data(cfg, tokenizer, image_size, text_len):
 
 def make_batch(images, captions, indices, pad_id, gen, use_aug, device):
     """Pixels (B,3,S,S) and one randomly chosen caption per image, right-padded."""
-    pixels = augment(images[indices], gen) if use_aug else images[indices].float()
+    pixels = augment(images[indices], gen) if use_aug else to_float(images[indices])  # (B, 3, S, S)
     pick = torch.randint(0, 1 << 30, (len(indices),), generator=gen).tolist()
     texts = [captions[i][pick[j] % len(captions[i])] for j, i in enumerate(indices)]
     ids, mask = pad_sequences(texts, pad_id, side="right")  # (B, T) each
@@ -152,7 +153,9 @@ def main(argv=None):
     if dist.is_main():
         checkpoint.save_model(cfg.out_dir, model, tokenizer, to_dict(cfg))
         tasks = [t for t in cfg.eval_tasks.split(",") if t]
-        results = eval_clip(model, tokenizer, cfg.data, tasks, device=device, out_path=os.path.join(cfg.out_dir, "eval.json"))
+        results = eval_clip(model, tokenizer, cfg.data, tasks, device=device)
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+            json.dump({"ckpt": cfg.out_dir, "model_type": "clip", "data": cfg.data, "results": results}, f, indent=2)
         zs = results.get("zeroshot", {})
         training.print0(f"[clip] done in {time.time() - t0:.0f}s: zero-shot acc {zs.get('accuracy', float('nan')):.3f} "
                         f"(chance {zs.get('chance', float('nan')):.3f}), skipped steps {skipped_steps} -> {cfg.out_dir}")

@@ -1,0 +1,270 @@
+"""The speedrun report: what each stage bought, from the runs' own eval.json files.
+
+    python -m nanopatho.report --out out --data data/synthpath --seeds 0,1,2
+    python -m nanopatho.report --out out --readme README.md     # also rewrite README's results section
+
+Reads out/seed<k>/<stage>/eval.json, out/seed<k>/times.jsonl, <data>/meta.json (chance levels
+and the trivial baseline) and the metrics.jsonl curves; writes out/report.json, out/report.md
+and, when matplotlib is installed, out/curves.png. Nothing in the tables is typed by hand.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+
+VLM_STAGES = [("pretrain", "stage 1 pretrain"), ("sft", "stage 2 SFT"), ("rl_grpo", "stage 3 GRPO"),
+              ("rl_dapo", "stage 3 DAPO")]
+VLM_COLUMNS = [  # (column, path inside eval.json "results")
+    ("MCQ acc", ("mcq", "accuracy")),
+    ("MCQ unparseable", ("mcq", "unparseable")),
+    ("closed-VQA acc", ("vqa_closed", "accuracy")),
+    ("open-VQA F1", ("vqa_open", "f1")),
+    ("format rate", ("mcq", "format_rate")),
+    ("mean length (tok)", ("mcq", "mean_response_length")),
+]
+CLIP_COLUMNS = [
+    ("zero-shot acc", ("zeroshot", "accuracy")),
+    ("zero-shot bal. acc", ("zeroshot", "balanced_accuracy")),
+    ("i2t R@1", ("retrieval", "i2t_R@1")), ("i2t R@5", ("retrieval", "i2t_R@5")), ("i2t R@10", ("retrieval", "i2t_R@10")),
+    ("t2i R@1", ("retrieval", "t2i_R@1")), ("t2i R@5", ("retrieval", "t2i_R@5")), ("t2i R@10", ("retrieval", "t2i_R@10")),
+    ("16-shot probe", ("linear_probe", "16shot_acc")),
+]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def dig(obj, path):
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def chance_of(obj, path):
+    """The chance level an eval.json stores beside a metric, if any."""
+    return dig(obj, (path[0], "chance", path[1]))
+
+
+def summarise(values):
+    """mean, spread (population std; 0 for one seed), n — over the seeds that have the value."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"mean": statistics.fmean(vals), "spread": statistics.pstdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def stage_seconds(out, seed):
+    times = {}
+    path = os.path.join(out, f"seed{seed}", "times.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                times[row["stage"]] = row["seconds"]
+    return times
+
+
+def collect(out, seeds):
+    """report dict: per-stage per-column summaries, chance rows, times."""
+    report = {"clip": {}, "vlm": {}, "chance": {"clip": {}, "vlm": {}}}
+    evals = {s: {st: dig(read_json(os.path.join(out, f"seed{s}", st, "eval.json")), ("results",))
+                 for st in ["clip"] + [k for k, _ in VLM_STAGES]} for s in seeds}
+    times = {s: stage_seconds(out, s) for s in seeds}
+    for col, path in CLIP_COLUMNS:
+        report["clip"][col] = summarise([dig(evals[s]["clip"], path) for s in seeds])
+        report["chance"]["clip"][col] = next((chance_of(evals[s]["clip"], path) for s in seeds if evals[s]["clip"]), None)
+    report["clip"]["wall time (s)"] = summarise([times[s].get("clip") for s in seeds])
+    for stage, _ in VLM_STAGES:
+        row = {col: summarise([dig(evals[s][stage], path) for s in seeds]) for col, path in VLM_COLUMNS}
+        row["wall time (s)"] = summarise([times[s].get(stage) for s in seeds])
+        report["vlm"][stage] = row
+    for col, path in VLM_COLUMNS:
+        report["chance"]["vlm"][col] = next((chance_of(evals[s][st], path) for s in seeds for st, _ in VLM_STAGES
+                                             if evals[s][st] and chance_of(evals[s][st], path) is not None), None)
+    report["per_seed_mcq"] = {st: [dig(evals[s][st], ("mcq", "accuracy")) for s in seeds] for st, _ in VLM_STAGES}
+    return report
+
+
+def claims(report):
+    """The claims the speedrun exists to test, each PASS / FAIL with its numbers."""
+    def mean(stage, col="MCQ acc"):
+        cell = report["vlm"].get(stage, {}).get(col)
+        return cell["mean"] if cell else None
+
+    out = []
+    zs, zs_chance = report["clip"].get("zero-shot acc"), report["chance"]["clip"].get("zero-shot acc")
+    if zs and zs_chance is not None:
+        out.append(("PathoCLIP zero-shot accuracy far above chance (>= chance + 0.30)",
+                    zs["mean"] >= zs_chance + 0.30, f"{zs['mean']:.3f} vs chance {zs_chance:.3f}"))
+    pre, sft, grpo, dapo = mean("pretrain"), mean("sft"), mean("rl_grpo"), mean("rl_dapo")
+    if pre is not None and sft is not None:
+        out.append(("SFT far above stage 1 on MCQ (>= +10 points)", sft >= pre + 0.10, f"{sft:.3f} vs {pre:.3f}"))
+    for name, value in (("GRPO", grpo), ("DAPO", dapo)):
+        if value is not None and sft is not None:
+            out.append((f"{name} above SFT on held-out MCQ (>= +5 points)", value >= sft + 0.05,
+                        f"{value:.3f} vs {sft:.3f} ({100 * (value - sft):+.1f} points)"))
+    if grpo is not None and dapo is not None:
+        out.append(("DAPO vs GRPO (information, not a pass/fail target)", None, f"{dapo:.3f} vs {grpo:.3f}"))
+    return out
+
+
+def fmt(cell, digits=3):
+    if cell is None:
+        return "—"
+    if cell["n"] > 1:
+        return f"{cell['mean']:.{digits}f} ± {cell['spread']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f}"
+
+
+def fmt_chance(value):
+    return "—" if value is None else f"{value:.3f}"
+
+
+def tables_markdown(report, meta):
+    cols = [c for c, _ in VLM_COLUMNS] + ["wall time (s)"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for stage, label in VLM_STAGES:
+        row = report["vlm"][stage]
+        lines.append(f"| {label} | " + " | ".join(fmt(row[c], 0 if c == "wall time (s)" else 3) for c in cols) + " |")
+    lines.append("| chance | " + " | ".join(fmt_chance(report["chance"]["vlm"].get(c)) for c in cols) + " |")
+    baseline = (meta or {}).get("trivial_baseline") or {}
+    if baseline:
+        lines.append("| trivial baseline: " + baseline_label(baseline) + " | " +
+                     " | ".join(baseline_cell(baseline, c) for c in cols) + " |")
+    ccols = [c for c, _ in CLIP_COLUMNS] + ["wall time (s)"]
+    clip = ["| PathoCLIP | " + " | ".join(ccols) + " |", "|" + "---|" * (len(ccols) + 1),
+            "| PathoCLIP | " + " | ".join(fmt(report["clip"][c], 0 if c == "wall time (s)" else 3) for c in ccols) + " |",
+            "| chance | " + " | ".join(fmt_chance(report["chance"]["clip"].get(c)) for c in ccols) + " |"]
+    if baseline:
+        clip.append("| trivial baseline: " + baseline_label(baseline) + " | " +
+                    " | ".join(baseline_cell(baseline, c) for c in ccols) + " |")
+    return "\n".join(lines), "\n".join(clip)
+
+
+def baseline_label(baseline):
+    return str(baseline.get("name", "colour-histogram nearest centroid"))
+
+
+def baseline_cell(baseline, column):
+    """The trivial baseline's score where meta.json has one for this column."""
+    key = {"zero-shot acc": "zeroshot_accuracy", "zero-shot bal. acc": "zeroshot_balanced_accuracy",
+           "MCQ acc": "mcq_accuracy", "closed-VQA acc": "vqa_closed_accuracy"}.get(column)
+    value = baseline.get(key) if key else None
+    return "—" if value is None else f"{value:.3f}"
+
+
+def machine_info():
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "commit": commit or "unknown"}
+
+
+def plot_curves(out, seeds, path):
+    """Loss / reward / accuracy curves of seed runs; returns a note when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "curves skipped: matplotlib is not installed (pip install matplotlib)"
+    panels = [("clip", "loss"), ("pretrain", "loss"), ("sft", "loss"), ("rl_grpo", "reward"), ("rl_dapo", "reward"),
+              ("rl_grpo", "mcq_acc"), ("rl_dapo", "mcq_acc"), ("rl_dapo", "response_length")]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (stage, key) in zip(axes.flat, panels):
+        for s in seeds:
+            rows = []
+            mpath = os.path.join(out, f"seed{s}", stage, "metrics.jsonl")
+            if os.path.exists(mpath):
+                with open(mpath) as f:
+                    rows = [json.loads(line) for line in f if line.strip()]
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=f"seed {s}", marker="." if key == "mcq_acc" else None)
+        ax.set_title(f"{stage}: {key}")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return None
+
+
+def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
+    vlm_table, clip_table = tables_markdown(report, meta)
+    parts = [f"# nanopatho speedrun report\n",
+             f"Preset `{preset}`, seeds {', '.join(map(str, seeds))} (mean ± population std over seeds when more than one). "
+             f"Every model is evaluated on the same held-out SynthPath sets (images never seen in training), greedy decoding.\n",
+             "## VLM stages\n", vlm_table, "\n## PathoCLIP\n", clip_table, "\n## Claims\n"]
+    for text, ok, numbers in claim_rows:
+        verdict = "info" if ok is None else ("PASS" if ok else "FAIL")
+        parts.append(f"- **{verdict}** — {text}: {numbers}")
+    parts.append("\nPer-seed held-out MCQ accuracy: " + "; ".join(
+        f"{st}: {', '.join('—' if v is None else f'{v:.3f}' for v in vals)}" for st, vals in report["per_seed_mcq"].items()))
+    parts.append("\n## Run\n")
+    parts += [f"- {k}: {v}" for k, v in info.items()]
+    if meta:
+        parts.append(f"- data: SynthPath generator {meta.get('generator_version', '?')}, seed {meta.get('seed', '?')}, "
+                     f"splits {json.dumps(meta.get('split_sizes', meta.get('splits', {})))}")
+    parts.append("\n" + (curve_note or "![training curves](curves.png)"))
+    return "\n".join(parts) + "\n"
+
+
+def rewrite_readme(readme, block):
+    """Replace the text between the results markers of README.md with `block`."""
+    with open(readme) as f:
+        text = f.read()
+    assert START in text and END in text, f"{readme} lacks the {START} / {END} markers"
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(readme, "w") as f:
+        f.write(head + START + "\n" + block.strip() + "\n" + END + tail)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Build out/report.{md,json} from a speedrun's outputs.")
+    p.add_argument("--out", default="out", help="speedrun output directory (holds seed<k>/)")
+    p.add_argument("--data", default="data/synthpath", help="data directory (for meta.json)")
+    p.add_argument("--seeds", default="0", help="comma list of seeds to include")
+    p.add_argument("--preset", default="toy", help="preset name, for the record")
+    p.add_argument("--readme", default=None, help="also rewrite this README's results section")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    meta = read_json(os.path.join(args.data, "meta.json"))
+    report = collect(args.out, seeds)
+    info = machine_info()
+    claim_rows = claims(report)
+    curve_note = plot_curves(args.out, seeds, os.path.join(args.out, "curves.png"))
+    md = write_markdown(report, meta, info, claim_rows, curve_note, seeds, args.preset)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump({"report": report, "claims": [{"claim": c, "pass": ok, "numbers": n} for c, ok, n in claim_rows],
+                   "machine": info, "seeds": seeds, "preset": args.preset, "meta": meta}, f, indent=2)
+    if args.readme:
+        vlm_table, clip_table = tables_markdown(report, meta)
+        rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, commit {info['commit']}, "
+                       f"preset {args.preset}, seeds {args.seeds}, {info['cpus']} CPUs, torch {info['torch']}):\n\n"
+                       f"{vlm_table}\n\n{clip_table}\n\n" +
+                       "\n".join(f"- {'info' if ok is None else ('PASS' if ok else 'FAIL')}: {c} — {n}"
+                                 for c, ok, n in claim_rows))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@
 #   bash speedrun.sh                      # toy preset, seed 0 (~20 min on 2 CPU cores)
 #   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report
 #   bash speedrun.sh --preset small       # one GPU
+#   bash speedrun.sh --update_readme      # also rewrite README.md's results section from the report
 #   PYTHON=python3.11 OUT=out DATA=data/synthpath bash speedrun.sh
 #
 # Every stage prints one summary line; logs are under $OUT/seed<k>/<stage>/.
@@ -18,12 +19,14 @@ OUT=${OUT:-out}
 DATA=${DATA:-data/synthpath}
 PYTHON=${PYTHON:-python}
 SKIP_SETUP=${SKIP_SETUP:-0}
+README_FLAG=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
     --seeds) SEEDS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --skip_setup) SKIP_SETUP=1; shift ;;
+    --update_readme) README_FLAG=(--readme README.md); shift ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -73,5 +76,5 @@ for SEED in ${SEEDS//,/ }; do
 done
 
 # ---------------------------------------------------------------- report
-$PYTHON -m nanopatho.report --out "$OUT" --data "$DATA" --seeds "$SEEDS" --preset "$PRESET"
+$PYTHON -m nanopatho.report --out "$OUT" --data "$DATA" --seeds "$SEEDS" --preset "$PRESET" "${README_FLAG[@]}" > "$OUT/report.log"
 echo "report: $OUT/report.md"

@@ -27,7 +27,7 @@ from nanopatho import checkpoint, dist, training
 from nanopatho.clip import PathoCLIP, clip_loss
 from nanopatho.config import field, parse_config, to_dict
 from nanopatho.data import DataError, augment, load_pairs, pad_sequences, preload_images, to_float
-from nanopatho.evaluate import eval_clip
+from nanopatho.evaluate import clip_text_ids, eval_clip
 from nanopatho.presets import clip_config, count_params
 from nanopatho.tokenizer import Tokenizer
 
@@ -81,7 +81,7 @@ def load_data(cfg, tokenizer, image_size, text_len):
     for p in pairs:
         key = p["image"] if isinstance(p["image"], str) else p["source"]
         by_image.setdefault(key, {"image": p["image"], "source": p["source"], "captions": []})
-        by_image[key]["captions"].append(tokenizer.encode(p["caption"])[: text_len - 1] + [tokenizer.eos_id])
+        by_image[key]["captions"].append(clip_text_ids(tokenizer, p["caption"], text_len))
     images, kept, bad = preload_images(list(by_image.values()), image_size, skip_bad=cfg.skip_bad_samples,
                                        desc="clip images")
     return images, [item["captions"] for item in kept], skipped + bad

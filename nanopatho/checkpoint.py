@@ -83,7 +83,7 @@ def _write_files(directory, model, tokenizer, run_config):
     os.makedirs(directory, exist_ok=True)
     model = unwrap(model)
     config = {"model_type": model_type_of(model), "model": model.config.to_dict(), "run": run_config or {}}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = untied_state(model)
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"refusing to save non-finite weights ({name})")
@@ -94,6 +94,28 @@ def _write_files(directory, model, tokenizer, run_config):
         tokenizer.save(os.path.join(directory, "tokenizer.json.tmp"))
         os.replace(os.path.join(directory, "tokenizer.json.tmp"), os.path.join(directory, "tokenizer.json"))
     _write_json(os.path.join(directory, "config.json"), config)
+
+
+def untied_state(model):
+    """state_dict without the second name of a shared (tied) tensor: safetensors stores each
+    tensor once, and loading re-ties through the model's own parameter sharing."""
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        state[k] = v.detach().contiguous().cpu()
+    return state
+
+
+def tied_names(model):
+    """Names of state_dict entries that share storage with an earlier entry."""
+    seen, tied = set(), set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:
+            tied.add(k)
+        seen.add(v.data_ptr())
+    return tied
 
 
 def save_model(directory, model, tokenizer, run_config=None):
@@ -118,7 +140,7 @@ def load_state(model, path):
         raise CheckpointError(f"{path}: missing")
     state = load_file(path)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - tied_names(model))
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
@@ -131,7 +153,7 @@ def load_state(model, path):
             k = wrong[0]
             detail.append(f"shape of {k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}")
         raise CheckpointError(f"{path}: weights do not match config.json ({'; '.join(detail)})")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)  # only tied duplicates can be absent (checked above)
 
 
 def load(directory, device="cpu", expect=None):

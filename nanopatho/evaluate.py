@@ -22,13 +22,16 @@ Files read from --data (SynthPath names; real data in the same form works):
 import argparse
 import json
 import os
-import re
-import string
 from collections import Counter
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from nanopatho.checkpoint import load as load_checkpoint
+from nanopatho.data import DataError, load_records, pad_sequences, preload_images, to_float
+from nanopatho.prompts import format_question
+from nanopatho.rewards import extract_answer, format_reward, normalize_short, parse_choice, parse_yesno
 
 CLIP_TASKS = ("zeroshot", "retrieval", "linear_probe")
 VLM_TASKS = ("mcq", "vqa")
@@ -223,53 +226,55 @@ def _common(responses, answers, preds, lengths):
 
 
 def mcq_metrics(responses, answers, num_options=None, lengths=None):
-    """MCQ accuracy with the letter read from <answer>...</answer>.
+    """MCQ accuracy with the letter read from <answer>...</answer> (rewards.parse_choice).
 
-    An answer that cannot be parsed is wrong and counted in "unparseable" (never replaced by a guess).
+    A response without a closed answer block, or whose answer names no single letter, is wrong and
+    counted in "unparseable" (never replaced by a guess). The gold may be "B" or "B) text".
     Chance = mean over items of 1/num_options (omitted when num_options is None).
     """
     assert len(responses) == len(answers), "one response per answer"
-    letters = [None if a is None else mcq_letter(a) for a in _extract(responses)]
-    correct = [p is not None and p == str(g).strip().upper() for p, g in zip(letters, answers)]
-    mean_len, unit = _length_stats(responses, lengths)
-    out = {"n": len(answers), "accuracy": float(np.mean(correct)) if answers else 0.0,
-           "unparseable": sum(p is None for p in letters), "format_rate": _format_rate(responses),
-           "mean_response_length": mean_len, "length_unit": unit, "chance": {}}
+    preds = [None if a is None else parse_choice(a) for a in map(extract_answer, responses)]
+    correct = [p is not None and p == parse_choice(str(g)) for p, g in zip(preds, answers)]
+    out = {"accuracy": float(np.mean(correct)) if answers else 0.0, **_common(responses, answers, preds, lengths),
+           "chance": {}}
     if num_options is not None:
         out["chance"]["accuracy"] = float(np.mean([1.0 / n for n in num_options]))
     return out
 
 
 def closed_answer_correct(pred, gold):
-    """Whole-word match of a closed (yes/no) answer after normalisation.
+    """Whole-word match of a closed answer (pred = the extracted answer text, or None).
 
-    Correct when the normalised prediction equals the normalised gold answer, or when the gold is
-    "yes"/"no" and it is the prediction's first word ("no, it is benign"). So "know" is not "no",
-    "I don't know" is not "no", and "not normal" is not "normal".
+    A yes/no gold is compared with the first whole word yes|no of the prediction (rewards.parse_yesno,
+    the rule RL is rewarded by): "No, it is benign" is "no", "know" and "I don't know" are neither.
+    Any other gold needs the whole normalised answer to be equal: "not normal" is not "normal".
     """
     if pred is None:
         return False
-    p, g = normalize_answer(pred), normalize_answer(str(gold))
-    return p == g or (g in ("yes", "no") and p.split()[:1] == [g])
+    g = normalize_short(str(gold))
+    return parse_yesno(pred) == g if g in ("yes", "no") else normalize_short(pred) == g
 
 
 def closed_vqa_metrics(responses, answers, lengths=None):
-    """Closed-question (yes/no) accuracy; chance = 0.5 (random yes/no), majority = most frequent gold answer."""
+    """Closed-question (yes/no) accuracy. Chance = 0.5 (a random yes/no); majority = most frequent gold.
+
+    "unparseable" counts responses without an answer block and yes/no answers naming neither word.
+    """
     assert len(responses) == len(answers), "one response per answer"
-    preds = _extract(responses)
+    preds = [extract_answer(r) for r in responses]
     correct = [closed_answer_correct(p, g) for p, g in zip(preds, answers)]
-    counts = Counter(normalize_answer(str(a)) for a in answers)
-    mean_len, unit = _length_stats(responses, lengths)
-    return {"n": len(answers), "accuracy": float(np.mean(correct)) if answers else 0.0,
-            "unparseable": sum(p is None for p in preds), "format_rate": _format_rate(responses),
-            "mean_response_length": mean_len, "length_unit": unit,
+    # unparseable: no answer block, or a yes/no question answered with neither word
+    preds = [None if p is None or (normalize_short(str(g)) in ("yes", "no") and parse_yesno(p) is None) else p
+             for p, g in zip(preds, answers)]
+    counts = Counter(normalize_short(str(a)) for a in answers)
+    return {"accuracy": float(np.mean(correct)) if answers else 0.0, **_common(responses, answers, preds, lengths),
             "majority_accuracy": max(counts.values()) / len(answers) if answers else 0.0,
             "chance": {"accuracy": 0.5}}
 
 
 def token_f1_recall(pred, gold):
-    """(F1, recall) of the normalised token multisets: overlap/|pred| = P, overlap/|gold| = R, F1 = 2PR/(P+R)."""
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+    """(F1, recall) over normalised token multisets (SQuAD): P = overlap/|pred|, R = overlap/|gold|, F1 = 2PR/(P+R)."""
+    p, g = normalize_short(pred).split(), normalize_short(gold).split()
     overlap = sum((Counter(p) & Counter(g)).values())
     if overlap == 0:
         return 0.0, 0.0
@@ -277,30 +282,27 @@ def token_f1_recall(pred, gold):
     return 2 * precision * recall / (precision + recall), recall
 
 
+def _open_scores(preds, golds):
+    em, f1, rec = [], [], []
+    for p, g in zip(preds, golds):
+        f, r = token_f1_recall(p or "", g)
+        em.append(float(p is not None and normalize_short(p) == normalize_short(g)))
+        f1.append(f)
+        rec.append(r)
+    return {k: float(np.mean(v)) if v else 0.0 for k, v in (("exact_match", em), ("f1", f1), ("recall", rec))}
+
+
 def open_vqa_metrics(responses, answers, lengths=None):
-    """Open-question exact match, token F1 and token recall (SQuAD normalisation); unparseable scores 0.
+    """Open-question exact match, token F1 and token recall (SQuAD-style normalisation); unparseable scores 0.
 
     Chance: the majority-answer baseline (always answer the most frequent gold answer), on each metric.
     """
     assert len(responses) == len(answers), "one response per answer"
-    preds = _extract(responses)
+    preds = [extract_answer(r) for r in responses]
     golds = [str(a) for a in answers]
-
-    def scores(predictions):
-        em, f1, rec = [], [], []
-        for p, g in zip(predictions, golds):
-            f, r = token_f1_recall(p or "", g)
-            em.append(float(p is not None and normalize_answer(p) == normalize_answer(g)))
-            f1.append(f)
-            rec.append(r)
-        mean = lambda v: float(np.mean(v)) if v else 0.0  # noqa: E731
-        return {"exact_match": mean(em), "f1": mean(f1), "recall": mean(rec)}
-
-    majority = Counter(normalize_answer(g) for g in golds).most_common(1)[0][0] if golds else ""
-    mean_len, unit = _length_stats(responses, lengths)
-    return {"n": len(answers), **scores(preds), "unparseable": sum(p is None for p in preds),
-            "format_rate": _format_rate(responses), "mean_response_length": mean_len, "length_unit": unit,
-            "chance": scores([majority] * len(golds))}
+    majority = Counter(normalize_short(g) for g in golds).most_common(1)[0][0] if golds else ""
+    return {**_open_scores(preds, golds), **_common(responses, answers, preds, lengths),
+            "chance": _open_scores([majority] * len(golds), golds)}
 
 
 # -----------------------------------------------------------------------------
@@ -312,15 +314,7 @@ def _autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def _load_images(items, size, limit=None, desc="images"):
-    from nanopatho.data import preload_images
-    items = items[:limit] if limit else items
-    images_u8, kept, _ = preload_images(items, size, key="image", desc=desc)
-    return images_u8, kept  # (N, 3, size, size) uint8
-
-
 def _load(path, required, limit=None):
-    from nanopatho.data import load_records
     items, _ = load_records(path, required=required)
     return items[:limit] if limit else items
 
@@ -328,7 +322,6 @@ def _load(path, required, limit=None):
 @torch.no_grad()
 def encode_images(model, images_u8, batch_size, device):
     """(N, D) L2-normalised image features, in batches."""
-    from nanopatho.data import to_float
     feats = []
     for i in range(0, len(images_u8), batch_size):
         pixels = to_float(images_u8[i:i + batch_size]).to(device)  # (B, 3, H, W)
@@ -337,11 +330,14 @@ def encode_images(model, images_u8, batch_size, device):
     return torch.cat(feats)
 
 
+def clip_text_ids(tokenizer, text, max_len):
+    """CLIP text ids, as in training: bos + text + eos, cut to max_len with the eos kept."""
+    return ([tokenizer.bos_id] + tokenizer.encode(text))[:max_len - 1] + [tokenizer.eos_id]
+
+
 def tokenize_texts(tokenizer, texts, max_len):
-    """CLIP text ids: bos + text + eos, cut to max_len (eos kept), right-padded; -> (ids, attention_mask)."""
-    from nanopatho.data import pad_sequences
-    seqs = [([tokenizer.bos_id] + tokenizer.encode(t))[:max_len - 1] + [tokenizer.eos_id] for t in texts]
-    return pad_sequences(seqs, tokenizer.pad_id, side="right")  # (B, T), (B, T)
+    """Right-padded CLIP text ids of several texts -> (ids, attention_mask)."""
+    return pad_sequences([clip_text_ids(tokenizer, t, max_len) for t in texts], tokenizer.pad_id, side="right")
 
 
 @torch.no_grad()
@@ -356,20 +352,24 @@ def encode_texts(model, tokenizer, texts, batch_size, device):
     return torch.cat(feats)
 
 
-def _probe_split(data_dir, class_names, labels_of, limit, size, encode, seed):
+def _labelled_features(path, class_names, encode, size, limit):
+    """(features (N, D), class indices (N,)) of a {"image", "label"} JSONL file."""
+    items = _load(path, ("image", "label"), limit)
+    bad = [it for it in items if str(it["label"]) not in class_names]
+    if bad:
+        raise DataError(f"{bad[0]['source']}: label {bad[0]['label']!r} is not a class of zeroshot_prompts.json")
+    images_u8, items, _ = preload_images(items, size, desc=os.path.basename(path))  # (N, 3, S, S) uint8
+    return encode(images_u8), torch.tensor([class_names.index(str(it["label"])) for it in items])
+
+
+def _probe_split(test_x, test_y, train_path, load_train, seed):
     """(train_feats, train_labels, test_feats, test_labels) for the linear probe.
 
-    Uses zeroshot_train.jsonl as the labelled pool when present; otherwise zeroshot_test.jsonl is
+    Uses zeroshot_train.jsonl as the labelled pool when present; otherwise the zero-shot test set is
     split in half per class with a seeded permutation (pool / test), so the probe never tests on its pool.
     """
-    train_path = os.path.join(data_dir, "zeroshot_train.jsonl")
-    test_items = _load(os.path.join(data_dir, "zeroshot_test.jsonl"), ("image", "label"), limit)
-    test_u8, test_items = _load_images(test_items, size, desc="probe test images")
-    test_x, test_y = encode(test_u8), labels_of(test_items)
     if os.path.exists(train_path):
-        train_items = _load(train_path, ("image", "label"), limit)
-        train_u8, train_items = _load_images(train_items, size, desc="probe train images")
-        return encode(train_u8), labels_of(train_items), test_x, test_y
+        return (*load_train(train_path), test_x, test_y)
     g = torch.Generator().manual_seed(seed)
     pool = torch.zeros(len(test_y), dtype=torch.bool)
     for c in torch.unique(test_y).tolist():
@@ -381,38 +381,31 @@ def _probe_split(data_dir, class_names, labels_of, limit, size, encode, seed):
 def eval_clip(model, tokenizer, data_dir, tasks=CLIP_TASKS, *, batch_size=64, device="cpu", limit=None,
               shots=(1, 2, 4, 8, 16), draws=5, seed=0):
     """Zero-shot classification, retrieval and few-shot linear probe of a PathoCLIP model."""
-    from nanopatho.data import DataError
     model.eval()
     size = model.config.vision.image_size
     encode = lambda u8: encode_images(model, u8, batch_size, device)  # noqa: E731
     results = {}
-    class_names = None
     if "zeroshot" in tasks or "linear_probe" in tasks:
         with open(os.path.join(data_dir, "zeroshot_prompts.json")) as f:
             prompts = json.load(f)
         class_names, W = build_zeroshot_classifier(
             lambda texts: encode_texts(model, tokenizer, texts, batch_size, device), prompts)  # (C, D)
-
-        def labels_of(items):
-            bad = [it for it in items if str(it["label"]) not in class_names]
-            if bad:
-                raise DataError(f"{bad[0]['source']}: label {bad[0]['label']!r} not in zeroshot_prompts.json classes")
-            return torch.tensor([class_names.index(str(it["label"])) for it in items])
+        labelled = lambda path: _labelled_features(path, class_names, encode, size, limit)  # noqa: E731
+        test_x, test_y = labelled(os.path.join(data_dir, "zeroshot_test.jsonl"))  # (N, D), (N,)
     if "zeroshot" in tasks:
-        items = _load(os.path.join(data_dir, "zeroshot_test.jsonl"), ("image", "label"), limit)
-        u8, items = _load_images(items, size, desc="zero-shot images")
-        logits = encode(u8) @ W.T  # (N, C)
-        results["zeroshot"] = zeroshot_metrics(logits, labels_of(items), class_names)
+        results["zeroshot"] = zeroshot_metrics(test_x @ W.T, test_y, class_names)  # logits (N, C)
     if "retrieval" in tasks:
         items = _load(os.path.join(data_dir, "retrieval_test.jsonl"), ("image", "caption"), limit)
-        u8, items = _load_images(items, size, desc="retrieval images")
-        img_f = encode(u8)  # (N, D)
+        images_u8, items, _ = preload_images(items, size, desc="retrieval_test.jsonl")
+        img_f = encode(images_u8)  # (N, D)
         txt_f = encode_texts(model, tokenizer, [it["caption"] for it in items], batch_size, device)  # (N, D)
         results["retrieval"] = retrieval_metrics(img_f @ txt_f.T)
     if "linear_probe" in tasks:
-        split = _probe_split(data_dir, class_names, labels_of, limit, size, encode, seed)
+        split = _probe_split(test_x, test_y, os.path.join(data_dir, "zeroshot_train.jsonl"), labelled, seed)
         curve = linear_probe(*split, shots=shots, draws=draws, seed=seed)
-        out = {"n_pool": len(split[1]), "n_test": len(split[3]), "draws": draws, "chance": {}}
+        # a k larger than pool_min_per_class uses every pool example of the smaller classes
+        out = {"n_pool": len(split[1]), "n_test": len(split[3]), "draws": draws,
+               "pool_min_per_class": int(torch.bincount(split[1]).min()), "chance": {}}
         for k, (mean, std) in curve.items():
             out[f"{k}shot_acc"], out[f"{k}shot_std"] = mean, std
             out["chance"][f"{k}shot_acc"] = 1.0 / len(class_names)
@@ -431,8 +424,6 @@ def decode_response(tokenizer, ids, mask):
 @torch.no_grad()
 def generate_answers(model, tokenizer, items, images_u8, *, batch_size, device, max_new_tokens):
     """Greedy responses to items {"question", "options"?}: (texts, lengths in tokens)."""
-    from nanopatho.data import pad_sequences, to_float
-    from nanopatho.prompts import format_question
     texts, lengths = [], []
     for i in range(0, len(items), batch_size):
         batch = items[i:i + batch_size]
@@ -460,16 +451,16 @@ def eval_vlm(model, tokenizer, data_dir, tasks=VLM_TASKS, *, batch_size=16, devi
     results = {}
     if "mcq" in tasks:
         items = _load(os.path.join(data_dir, "mcq_test.jsonl"), ("image", "question", "options", "answer"), limit)
-        u8, items = _load_images(items, size, desc="mcq images")
-        texts, lengths = generate_answers(model, tokenizer, items, u8, **gen)
+        images_u8, items, _ = preload_images(items, size, desc="mcq_test.jsonl")
+        texts, lengths = generate_answers(model, tokenizer, items, images_u8, **gen)
         results["mcq"] = mcq_metrics(texts, [it["answer"] for it in items], [len(it["options"]) for it in items],
                                      lengths)
         if return_responses:
             results["mcq"]["responses"] = texts
     if "vqa" in tasks:
         items = _load(os.path.join(data_dir, "vqa_test.jsonl"), ("image", "question", "answer", "answer_type"), limit)
-        u8, items = _load_images(items, size, desc="vqa images")
-        texts, lengths = generate_answers(model, tokenizer, items, u8, **gen)
+        images_u8, items, _ = preload_images(items, size, desc="vqa_test.jsonl")
+        texts, lengths = generate_answers(model, tokenizer, items, images_u8, **gen)
         for kind, fn in (("CLOSED", closed_vqa_metrics), ("OPEN", open_vqa_metrics)):
             sel = [i for i, it in enumerate(items) if str(it["answer_type"]).upper() == kind]
             if sel:
@@ -493,7 +484,8 @@ def format_table(results):
                 continue
             chance = res.get("chance", {}).get(key)
             chance_s = f"{chance:>10.4f}" if chance is not None else f"{'':>10}"
-            lines.append(f"{task:<14}{key:<26}{value:>10.4f}{chance_s}")
+            value_s = f"{value:>10d}" if isinstance(value, int) else f"{value:>10.4f}"
+            lines.append(f"{task:<14}{key:<26}{value_s}{chance_s}")
     return "\n".join(lines)
 
 
@@ -510,8 +502,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output JSON path (default: CKPT/eval.json)")
     args = p.parse_args(argv)
 
-    from nanopatho.checkpoint import load
-    model, config, tokenizer = load(args.ckpt, args.device)
+    model, config, tokenizer = load_checkpoint(args.ckpt, args.device)
     kind = config["model_type"]
     supported = {"clip": CLIP_TASKS, "vlm": VLM_TASKS}.get(kind, ())
     tasks = args.tasks.split(",") if args.tasks else list(supported)

@@ -287,7 +287,7 @@ class LM(nn.Module):
             # decode: one token per row at slot T + n, position next_pos + n
             slot = T + n
             key_valid[:, slot] = True
-            x = self.embed_tokens(out_ids[:, n:n + 1])  # (B, 1, C)
+            x = self.embed_tokens(tok[:, None])  # (B, 1, C); finished rows run on, their outputs are dropped
             positions = (next_pos + n)[:, None]  # (B, 1)
             h = self.hidden_states(x, positions, key_valid[:, None, None, :slot + 1], cache, slot)  # (B, 1, C)
             logits = self.lm_head(h[:, -1]).float()  # (B, V)

@@ -84,6 +84,27 @@ def batch_loss_sum(model, batch):
     return loss_sum, n_tokens
 
 
+def accumulate_gradients(model, batches, device):
+    """Backward over the step's micro-batches so the gradient is that of the mean token loss
+    over every target token of the step, on every rank:
+
+        loss = sum_{micro, rank} sum_tokens CE / N_global,   N_global = sum_{micro, rank} n_tokens
+
+    DDP averages gradients over ranks, so each rank's share is multiplied by the world size.
+    Returns (the step's mean token loss, N_global)."""
+    local_tokens = sum(int((b["loss_mask"] * (b["targets"] >= 0)).sum()) for b in batches)
+    n_global = training.global_count(local_tokens, device)  # tokens in the whole optimizer step
+    step_loss = 0.0
+    for micro, batch in enumerate(batches):
+        with training.no_sync_unless(model, micro == len(batches) - 1), training.autocast(device):
+            loss_sum, _ = batch_loss_sum(model, batch)
+            loss = loss_sum * dist.world_size() / n_global  # this micro-batch's share of the global mean
+            loss.backward()
+        step_loss += loss.item() / dist.world_size()
+    step_loss = dist.all_reduce_sum(torch.tensor(step_loss, device=device)).item()
+    return step_loss, n_global
+
+
 @torch.no_grad()
 def validation_loss(model, examples, cfg, pad_id, device):
     """Mean token loss over the first eval_batches * batch_size validation rows (fixed)."""
@@ -127,25 +148,21 @@ def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=Non
                                          cfg.seed, dist.rank(), dist.world_size())
             gen = training.generator_for(cfg.seed, step, micro, dist.rank())
             batches.append(make_batch(train_set, idx, tokenizer.pad_id, gen, cfg.augment, device))
-        local_tokens = sum(int((b["loss_mask"] * (b["targets"] >= 0)).sum()) for b in batches)
-        n_global = training.global_count(local_tokens, device)  # tokens in the whole optimizer step
-        step_loss = 0.0
-        for micro, batch in enumerate(batches):
-            with training.no_sync_unless(ddp_model, micro == len(batches) - 1), training.autocast(device):
-                loss_sum, _ = batch_loss_sum(ddp_model, batch)
-                loss = loss_sum / n_global  # this micro-batch's share of the step's mean token loss
-                loss.backward()
-            step_loss += loss.item()
+        step_loss, n_global = accumulate_gradients(ddp_model, batches, device)
         if grad_filter is not None:
             grad_filter(step, model)
         grad_norm, stepped = training.optimizer_step(ddp_model, optimizer, cfg.grad_clip, cfg.on_nonfinite)
         skipped_steps += 0 if stepped else 1
-        loss_t = dist.all_reduce_sum(torch.tensor(step_loss, device=device)).item()
+        loss_t = step_loss
         last = step == cfg.max_steps - 1
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+        evaluated = (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last
+        if evaluated:
             val = validation_loss(ddp_model, val_set, cfg, tokenizer.pad_id, device) if len(val_set) else float("nan")
-        log.write(step=step + 1, loss=loss_t, val_loss=val, lr=lr, grad_norm=grad_norm, tokens=n_global,
-                  skipped_steps=skipped_steps, elapsed=time.time() - t0)
+        row = dict(step=step + 1, loss=loss_t, lr=lr, grad_norm=grad_norm, tokens=n_global,
+                   skipped_steps=skipped_steps, elapsed=time.time() - t0)
+        if evaluated:
+            row["val_loss"] = val
+        log.write(**row)
         bar.set_postfix(loss=f"{loss_t:.3f}", val=f"{val:.3f}", lr=f"{lr:.1e}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last and dist.is_main():
             checkpoint.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, run_config, optimizer,

@@ -15,7 +15,6 @@ Triton is imported lazily, on the first Triton call: this package imports withou
 """
 
 import importlib.util
-import os
 
 import torch
 
@@ -35,10 +34,10 @@ def _use_triton(logits, impl):
         return logits.is_cuda and triton_available()
     if not triton_available():
         raise RuntimeError("impl='triton' needs the triton package (pip install triton), or use impl='torch'")
-    if not logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not logits.is_cuda and not _kernels().INTERPRETED:
         raise RuntimeError(
             "impl='triton' on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before triton is imported, move logits to CUDA, or use impl='torch'")
+            "before triton is first imported, move logits to CUDA, or use impl='torch'")
     return True
 
 
@@ -48,13 +47,20 @@ def _kernels():
 
 
 def _check_inputs(logits, ids, mask):
+    """Shape contract; and ids counted by the loss must index the vocabulary (the kernel reads
+    logits[id] unchecked). Costs one device sync."""
     assert logits.dim() == 3, f"logits must be (B, L, V), got {tuple(logits.shape)}"
     assert ids.shape == logits.shape[:2], f"ids {tuple(ids.shape)} must be (B, L) = {tuple(logits.shape[:2])}"
     assert mask is None or mask.shape == ids.shape, f"mask {tuple(mask.shape)} must match ids {tuple(ids.shape)}"
+    counted = ids if mask is None else ids.masked_fill(mask == 0, 0)  # (B, L)
+    if ((counted < 0) | (counted >= logits.shape[-1])).any():
+        raise ValueError(f"ids outside [0, {logits.shape[-1]}) at positions the loss counts (mask them out)")
 
 
 def token_logprobs(logits, ids, temperature=1.0, impl="auto"):
-    """log softmax(logits / T)[ids] as fp32 (B, L), without grad (old and reference log-probs)."""
+    """log softmax(logits / T)[ids] as fp32 (B, L), without grad (old and reference log-probs).
+    Negative ids (padding targets) are read as id 0, as in rl.token_logprobs_torch: mask them out."""
+    ids = ids.clamp(min=0)  # (B, L)
     _check_inputs(logits, ids, None)
     with torch.no_grad():
         if _use_triton(logits, impl):
@@ -64,39 +70,30 @@ def token_logprobs(logits, ids, temperature=1.0, impl="auto"):
 
 
 def fused_policy_loss(logits, ids, logp_old, advantages, mask, *, temperature=1.0, eps_low=0.2, eps_high=0.2,
-                      logp_ref=None, beta=0.0, agg="token-mean", num_tokens=None, max_len=None, impl="auto"):
-    """rl.policy_loss computed from logits (B, L, V); returns (loss, stats) like rl.policy_loss.
+                      logp_ref=None, beta=0.0, agg="token-mean", num_tokens=None, max_len=None, num_seqs=None,
+                      impl="auto"):
+    """rl.policy_loss applied to log softmax(logits / T)[ids]; returns (loss, stats) exactly as rl.policy_loss.
 
-    advantages are (B,) per sequence or (B, L) per token; mask (B, L) is 1 on tokens in the loss.
-    Ids under mask 0 are ignored (they may be padding such as -1). Gradient flows to logits only.
+    logits (B, L, V) any float dtype; ids (B, L); logp_old, logp_ref (B, L); advantages (B,) or (B, L);
+    mask (B, L) 1 on tokens in the loss. Ids under mask 0 are ignored (padding such as -1 is fine).
+    Gradient flows to logits only. The Triton path writes the per-token loss (B, L) and aggregates
+    it with rl.aggregate, the same code as the torch path; stats come from rl.policy_loss on the
+    kernel's detached log-probs, so both paths report the same keys and meanings.
     """
     _check_inputs(logits, ids, mask)
     from nanopatho import rl
     B, L, V = logits.shape
-    if advantages.dim() == 1:
-        advantages = advantages[:, None].expand(B, L)  # (B, L)
-    valid = mask.bool()  # (B, L)
-    ids = ids.masked_fill(~valid, 0)  # padding ids (e.g. -1) never index the vocabulary
+    agg_args = dict(agg=agg, num_tokens=num_tokens, max_len=max_len, num_seqs=num_seqs)
     if not _use_triton(logits, impl):
-        logp = rl.token_logprobs_torch(logits, ids, temperature)  # (B, L)
+        logp = rl.token_logprobs_torch(logits, ids, temperature)  # (B, L), row-chunked
         return rl.policy_loss(logp, logp_old, advantages, mask, eps_low=eps_low, eps_high=eps_high,
-                              logp_ref=logp_ref, beta=beta, agg=agg, num_tokens=num_tokens, max_len=max_len)
-    loss_tok, kl, clipped_low, clipped_high = _kernels().policy_loss_per_token(
-        logits, ids, valid, logp_old, advantages, logp_ref,
+                              logp_ref=logp_ref, beta=beta, **agg_args)
+    valid = mask != 0  # (B, L)
+    adv = advantages[:, None].expand(B, L) if advantages.dim() == 1 else advantages  # (B, L)
+    loss_tok, _kl, _low, _high, logp = _kernels().policy_loss_per_token(
+        logits, ids.masked_fill(~valid, 0), valid, logp_old, adv, logp_ref,
         temperature=temperature, eps_low=eps_low, eps_high=eps_high, beta=beta)  # each (B, L)
-    loss = rl.aggregate(loss_tok, mask, agg, num_tokens=num_tokens, max_len=max_len)
-    stats = _stats(kl, clipped_low, clipped_high, valid, logp_ref is not None)
+    loss = rl.aggregate(loss_tok, mask, **agg_args)
+    _, stats = rl.policy_loss(logp, logp_old.float(), advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                              logp_ref=None if logp_ref is None else logp_ref.float(), beta=beta, **agg_args)
     return loss, stats
-
-
-def _stats(kl, clipped_low, clipped_high, valid, has_ref):
-    """The stats rl.policy_loss reports, from the kernel's per-token outputs (detached)."""
-    n = valid.sum().clamp(min=1)
-    stats = {
-        "clip_frac": ((clipped_low | clipped_high) & valid).sum() / n,
-        "clip_frac_low": (clipped_low & valid).sum() / n,
-        "clip_frac_high": (clipped_high & valid).sum() / n,
-    }
-    if has_ref:
-        stats["kl"] = (kl.detach() * valid).sum() / n
-    return stats

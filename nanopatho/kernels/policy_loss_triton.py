@@ -52,7 +52,7 @@ def _row_lse_and_target(row_ptr, target, V, inv_temp, n_cols, BLOCK_V: tl.conste
 @triton.jit
 def _policy_loss_fwd_kernel(
     logits_ptr, stride_row, ids_ptr, mask_ptr, logp_old_ptr, adv_ptr, logp_ref_ptr,
-    loss_ptr, kl_ptr, clip_low_ptr, clip_high_ptr, lse_ptr,
+    loss_ptr, kl_ptr, clip_low_ptr, clip_high_ptr, logp_ptr, lse_ptr,
     V, inv_temp, eps_low, eps_high, beta,
     HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -61,6 +61,7 @@ def _policy_loss_fwd_kernel(
     target = tl.load(ids_ptr + row)
     lse, z_target = _row_lse_and_target(
         logits_ptr + row * stride_row, target, V, inv_temp, tl.where(valid, V, 0), BLOCK_V)
+    lse = tl.where(valid, lse, 0.0)  # masked tokens: logp = 0, every value below stays finite
     logp = z_target - lse
     adv = tl.load(adv_ptr + row).to(tl.float32)
     ratio = tl.exp(logp - tl.load(logp_old_ptr + row).to(tl.float32))  # rho = exp(logp - logp_old)
@@ -77,7 +78,8 @@ def _policy_loss_fwd_kernel(
     tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
     tl.store(clip_low_ptr + row, (valid & clip_low).to(tl.int8))
     tl.store(clip_high_ptr + row, (valid & clip_high).to(tl.int8))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    tl.store(lse_ptr + row, lse)
 
 
 @triton.jit
@@ -127,6 +129,10 @@ def _token_logprobs_kernel(logits_ptr, stride_row, ids_ptr, out_ptr, V, inv_temp
     tl.store(out_ptr + row, z_target - lse)  # log softmax(logits / T)[id]
 
 
+# True when this module was imported under TRITON_INTERPRET=1 (kernels then run on CPU tensors)
+INTERPRETED = type(_token_logprobs_kernel).__name__ == "InterpretedFunction"
+
+
 # -----------------------------------------------------------------------------
 # launchers
 
@@ -147,8 +153,10 @@ def _flat(x, dtype=None):
 class FusedPolicyLoss(torch.autograd.Function):
     """Per-token clipped policy loss (+ beta * k3) from logits; gradient flows to logits only.
 
-    forward -> (loss_tok (B, L) fp32, kl (B, L) fp32, clipped_low (B, L) bool, clipped_high (B, L) bool),
-    all zero / False on masked tokens. Aggregation over tokens is done by the caller in torch.
+    forward -> (loss_tok, kl, clipped_low, clipped_high, logp), each (B, L): fp32 loss (with beta * k3)
+    and KL (differentiable), bool clip flags and fp32 logp (not differentiable), all zero on masked
+    tokens. Aggregation over tokens is done by the caller in torch; its autograd supplies the
+    per-token upstream weights dloss to the backward kernel.
     """
 
     @staticmethod
@@ -167,22 +175,24 @@ class FusedPolicyLoss(torch.autograd.Function):
         kl = torch.empty(N, dtype=torch.float32, **out)
         clip_low = torch.empty(N, dtype=torch.int8, **out)
         clip_high = torch.empty(N, dtype=torch.int8, **out)
+        logp = torch.empty(N, dtype=torch.float32, **out)
         lse = torch.empty(N, dtype=torch.float32, **out)
         BLOCK_V = block_size(V)
         _policy_loss_fwd_kernel[(N,)](
             rows, rows.stride(0), ids_f, mask_f, old_f, adv_f, ref_f,
-            loss, kl, clip_low, clip_high, lse,
+            loss, kl, clip_low, clip_high, logp, lse,
             V, 1.0 / temperature, eps_low, eps_high, beta,
             HAS_REF=has_ref, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
         )
         ctx.save_for_backward(rows, ids_f, mask_f, old_f, adv_f, ref_f, lse)
         ctx.args = (B, L, V, has_ref, 1.0 / temperature, eps_low, eps_high, beta, logits.dtype)
         clip_low, clip_high = clip_low.view(B, L).bool(), clip_high.view(B, L).bool()
-        ctx.mark_non_differentiable(clip_low, clip_high)
-        return loss.view(B, L), kl.view(B, L), clip_low, clip_high
+        logp = logp.view(B, L)
+        ctx.mark_non_differentiable(clip_low, clip_high, logp)
+        return loss.view(B, L), kl.view(B, L), clip_low, clip_high, logp
 
     @staticmethod
-    def backward(ctx, dloss, dkl, _dclip_low, _dclip_high):
+    def backward(ctx, dloss, dkl, _dclip_low, _dclip_high, _dlogp):
         rows, ids_f, mask_f, old_f, adv_f, ref_f, lse = ctx.saved_tensors
         B, L, V, has_ref, inv_temp, eps_low, eps_high, beta, dtype = ctx.args
         N = rows.shape[0]
@@ -202,7 +212,7 @@ class FusedPolicyLoss(torch.autograd.Function):
 
 
 def policy_loss_per_token(logits, ids, mask, logp_old, advantages, logp_ref, *, temperature, eps_low, eps_high, beta):
-    """Differentiable (w.r.t. logits) per-token loss, KL and clip flags; see FusedPolicyLoss."""
+    """Differentiable (w.r.t. logits) per-token loss and KL, plus clip flags and logp; see FusedPolicyLoss."""
     return FusedPolicyLoss.apply(
         logits, ids, mask, logp_old, advantages, logp_ref, float(temperature), float(eps_low), float(eps_high), float(beta))
 

@@ -1,0 +1,72 @@
+"""The training plumbing: schedule, data order, weight-decay groups, the non-finite guard."""
+
+import math
+
+import pytest
+import torch
+
+from nanopatho import training
+
+
+def test_lr_schedule_hand_values():
+    # warmup 10 steps to 1.0, cosine to 0.1 at step 110
+    assert training.lr_at(0, 110, 1.0, 10) == pytest.approx(0.1)
+    assert training.lr_at(9, 110, 1.0, 10) == pytest.approx(1.0)
+    assert training.lr_at(10, 110, 1.0, 10) == pytest.approx(1.0)
+    assert training.lr_at(60, 110, 1.0, 10) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(pi/2) = 0
+    assert training.lr_at(110, 110, 1.0, 10) == pytest.approx(0.1)
+    assert training.lr_at(500, 110, 1.0, 10) == pytest.approx(0.1)
+
+
+def test_batch_indices_cover_each_epoch_once_and_are_stateless():
+    n, bs = 10, 4
+    seen = [i for step in range(5) for i in training.batch_indices(n, bs, step, seed=3)]  # 20 = two epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert training.batch_indices(n, bs, 3, seed=3) == seen[12:16]  # a pure function of the step
+    assert training.batch_indices(n, bs, 3, seed=4) != seen[12:16]
+
+
+def test_batch_indices_rank_slices_partition_the_global_batch():
+    full = training.batch_indices(17, 6, 2, seed=0)
+    parts = [training.batch_indices(17, 3, 2, seed=0, rank=r, world=2) for r in range(2)]
+    assert parts[0] + parts[1] == full
+
+
+def test_weight_decay_groups():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+            self.norm = torch.nn.LayerNorm(3)
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 4, 3))
+            self.logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+    m = M()
+    opt = training.make_optimizer(m, 1e-3, 0.1)
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    assert decay == {id(m.lin.weight)}
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_nonfinite_gradient_skips_or_stops():
+    lin = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in lin.parameters()]
+    (lin(torch.ones(1, 2)) * float("nan")).sum().backward()
+    norm, stepped = training.optimizer_step(lin, opt, grad_clip=1.0, on_nonfinite="skip")
+    assert not stepped and not math.isfinite(norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
+    assert all(p.grad is None for p in lin.parameters())
+    (lin(torch.ones(1, 2)) * float("inf")).sum().backward()
+    with pytest.raises(training.NonFiniteError):
+        training.optimizer_step(lin, opt, grad_clip=1.0, on_nonfinite="stop")
+    lin(torch.ones(1, 2)).sum().backward()
+    _, stepped = training.optimizer_step(lin, opt, grad_clip=1.0)
+    assert stepped and not torch.equal(before[0], lin.weight)
+
+
+def test_generator_for_is_deterministic_and_keyed():
+    a = torch.rand(3, generator=training.generator_for(0, 1, 2))
+    b = torch.rand(3, generator=training.generator_for(0, 1, 2))
+    c = torch.rand(3, generator=training.generator_for(0, 2, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)

@@ -60,7 +60,7 @@ def hash_ints(*values):
 
 def autocast(device):
     """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 matmuls are slow and lossy)."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

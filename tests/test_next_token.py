@@ -1,0 +1,72 @@
+"""Global-token normalisation of the stage 1/2 loop: k micro-batches of unequal token
+counts give exactly the gradient of one big batch (and per-micro-batch averaging would not)."""
+
+import torch
+
+from nanopatho.next_token import Examples, accumulate_gradients, batch_loss_sum, make_batch
+from nanopatho.presets import vlm_config
+from nanopatho.vlm import VLM
+
+VOCAB, IMAGE_ID, PAD = 64, 5, 0
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = vlm_config("toy", VOCAB, IMAGE_ID)
+    cfg.lm.n_layer, cfg.vision.n_layer, cfg.vision.image_size = 1, 1, 32
+    return VLM(cfg)
+
+
+def examples(model, n_rows=8):
+    g = torch.Generator().manual_seed(1)
+    seqs, image_index = [], []
+    for i in range(n_rows):
+        n_text = 3 + 4 * i  # very unequal lengths
+        text = torch.randint(10, VOCAB, (n_text,), generator=g).tolist()
+        if i % 2 == 0:  # image rows: bos, image tokens (never targets), text
+            ids = [1] + [IMAGE_ID] * model.n_image_tokens + text
+            mask = [0] * (1 + model.n_image_tokens) + [1] * n_text
+            image_index.append(i // 2)
+        else:
+            ids, mask = [1] + text, [0] + [1] * n_text
+            image_index.append(-1)
+        seqs.append((ids, mask))
+    images = torch.randint(0, 256, (n_rows // 2, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return Examples(seqs, image_index, images)
+
+
+def grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_micro_batches_equal_one_full_batch():
+    model = tiny_model()
+    data = examples(model)
+    full = make_batch(data, list(range(8)), PAD, None, False, "cpu")
+    _, loss = model(full["input_ids"], full["pixel_values"], attention_mask=full["attention_mask"],
+                    targets=full["targets"], loss_mask=full["loss_mask"], reduction="mean")
+    loss.backward()
+    g_full = grads(model)
+    model.zero_grad()
+
+    micro = [make_batch(data, rows, PAD, None, False, "cpu") for rows in ([0], [1, 2], [3, 4, 5], [6, 7])]
+    step_loss, n_tokens = accumulate_gradients(model, micro, "cpu")
+    assert n_tokens == sum(int(b["loss_mask"].sum()) for b in micro)
+    assert abs(step_loss - loss.item()) < 1e-5
+    torch.testing.assert_close(grads(model), g_full, rtol=1e-4, atol=1e-6)
+
+    # the pitfall this guards against: averaging each micro-batch, then over micro-batches
+    model.zero_grad()
+    for b in micro:
+        s, n = batch_loss_sum(model, b)
+        (s / n / len(micro)).backward()
+    assert not torch.allclose(grads(model), g_full, rtol=1e-3, atol=1e-5)
+
+
+def test_image_positions_and_padding_are_never_targets():
+    model = tiny_model()
+    data = examples(model)
+    batch = make_batch(data, [0, 1], PAD, None, False, "cpu")
+    counted = batch["loss_mask"].bool() & (batch["targets"] >= 0)  # (B, T)
+    assert not (batch["targets"][counted] == IMAGE_ID).any()
+    assert counted.sum() == sum(sum(m[1:]) for _, m in (data.seqs[0], data.seqs[1]))

@@ -258,8 +258,10 @@ class LM(nn.Module):
         device = x.device
         if attention_mask is None:
             attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+        assert bool(attention_mask[:, -1].all()), "generate needs left-padded prompts (each row's last token real)"
         total = T + max_new_tokens
-        assert total <= self.config.max_seq_len, f"prompt {T} + max_new_tokens {max_new_tokens} > max_seq_len {self.config.max_seq_len}"
+        assert total <= self.config.max_seq_len, \
+            f"prompt {T} + max_new_tokens {max_new_tokens} > max_seq_len {self.config.max_seq_len}"
         cache = KVCache(self.config.n_layer, total)
         key_valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
         key_valid[:, :T] = attention_mask.bool()

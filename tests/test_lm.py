@@ -6,7 +6,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from nanopatho.lm import (LM, KVCache, LMConfig, RMSNorm, apply_rope, filter_top_k_top_p, lm_loss, padding_attn_mask,
                           positions_from_mask, rope_cos_sin)

@@ -77,7 +77,8 @@ def test_generate_with_images_left_padded():
 def test_freeze_and_load_vision_from_clip():
     vlm = tiny_vlm()
     torch.manual_seed(1)
-    clip = PathoCLIP(CLIPConfig(vision=VIT, text=TextConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, max_len=8), embed_dim=8))
+    text = TextConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, max_len=8)
+    clip = PathoCLIP(CLIPConfig(vision=VIT, text=text, embed_dim=8))
     vlm.load_vision_from_clip(clip.state_dict())
     for k, v in vlm.vision.state_dict().items():
         assert torch.equal(v, clip.visual.vit.state_dict()[k])

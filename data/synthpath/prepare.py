@@ -238,9 +238,8 @@ def sft_rows(rng, records):
     return rows
 
 
-def qa_rows(rng, records, splits, kinds, fields):
-    """Answer-only questions, one per (image, kind); MCQ letters and yes/no answers balanced."""
-    chosen = [(r, k) for r in records if r["split"] in splits for k in kinds]
+def qa_rows(rng, chosen, fields):
+    """Answer-only questions for (record, kind) pairs; MCQ letters and yes/no answers balanced."""
     pos = iter(_balanced(rng, sum(k == "mcq" for _, k in chosen), [0, 1, 2, 3]))
     target = iter(_balanced(rng, sum(k == "yesno" for _, k in chosen), ["yes", "no"]))
     rows = []
@@ -250,6 +249,13 @@ def qa_rows(rng, records, splits, kinds, fields):
                "kind": kind, "type": q["type"], "answer_type": "OPEN" if kind == "short" else "CLOSED"}
         rows.append({k: row[k] for k in fields})
     return rows
+
+
+def rl_pairs(rng, records, per_image):
+    """(record, kind) for RL: per_image questions per train image, kinds mcq / yesno / short drawn 40/30/30."""
+    train = [r for r in records if r["split"] == "train"]
+    kinds = rng.choice(["mcq", "yesno", "short"], size=(len(train), per_image), p=[0.4, 0.3, 0.3])
+    return [(r, str(k)) for r, ks in zip(train, kinds) for k in ks]
 
 
 ZS_TEMPLATES = ["CLASSNAME.", "an H&E image of CLASSNAME.", "an H&E image showing CLASSNAME.",
@@ -272,6 +278,7 @@ def write_text(out, cfg, records):
     """Every manifest; returns {file name: rows} for the meta and the tokenizer."""
     streams = {name: np.random.default_rng([cfg.seed, 2, i]) for i, name in enumerate(
         ["captions_train", "captions_val", "textbook", "retrieval", "sft", "rl", "mcq", "vqa"])}
+    qa_test = [r for r in records if r["split"] == "test_qa"]
     files = {
         "captions_train.jsonl": caption_rows(streams["captions_train"], records, "train", cfg.captions_per_image),
         "captions_val.jsonl": caption_rows(streams["captions_val"], records, "val", cfg.captions_per_image),
@@ -280,10 +287,11 @@ def write_text(out, cfg, records):
         "retrieval_test.jsonl": [{"image": r["image"], "caption": T.caption(streams["retrieval"], r["cls"], r["attrs"], detailed=True)}
                                  for r in records if r["split"] == "test"],
         "sft_train.jsonl": sft_rows(streams["sft"], records),
-        "rl_train.jsonl": qa_rows(streams["rl"], records, ("train",), _rl_kinds(cfg.rl_per_image),
+        "rl_train.jsonl": qa_rows(streams["rl"], rl_pairs(streams["rl"], records, cfg.rl_per_image),
                                   ("image", "question", "options", "answer", "kind", "type")),
-        "mcq_test.jsonl": qa_rows(streams["mcq"], records, ("test_qa",), ("mcq",), ("image", "question", "options", "answer", "type")),
-        "vqa_test.jsonl": qa_rows(streams["vqa"], records, ("test_qa",), ("yesno", "short"),
+        "mcq_test.jsonl": qa_rows(streams["mcq"], [(r, "mcq") for r in qa_test],
+                                  ("image", "question", "options", "answer", "type")),
+        "vqa_test.jsonl": qa_rows(streams["vqa"], [(r, k) for r in qa_test for k in ("yesno", "short")],
                                   ("image", "question", "answer", "answer_type", "type")),
     }
     for name, rows in files.items():
@@ -291,10 +299,6 @@ def write_text(out, cfg, records):
     prompts = {"0": {"classnames": {c: T.CLASS_INFO[c][1] for c in CLASSES}, "templates": ZS_TEMPLATES}}
     write_json(os.path.join(out, "zeroshot_prompts.json"), prompts)
     return files
-
-
-def _rl_kinds(n):
-    return tuple(["mcq", "yesno", "short"][i % 3] for i in range(n))
 
 
 # -----------------------------------------------------------------------------

@@ -472,9 +472,10 @@ def stain(rng, H, E):
     h = H_VEC + rng.normal(0, j["vector"], 3)
     e = E_VEC + rng.normal(0, j["vector"], 3)
     h, e = np.abs(h) / np.linalg.norm(h), np.abs(e) / np.linalg.norm(e)
-    thick = np.exp(rng.normal(0, j["thickness"]))
-    a_h = 1.9 * thick * np.exp(rng.normal(0, j["amount"]))
-    a_e = 1.2 * thick * np.exp(rng.normal(0, j["amount"]))
+    z = np.clip(rng.normal(0, 1, 3), -2, 2)                               # log-normal, clipped at 2 sigma
+    thick = np.exp(z[0] * j["thickness"])
+    a_h = 1.9 * thick * np.exp(z[1] * j["amount"])
+    a_e = 1.2 * thick * np.exp(z[2] * j["amount"])
     tint = rng.uniform(0, j["tint"]) * (h if rng.random() < 0.5 else e)  # mounting medium / background stain
     i0 = 255.0 * rng.uniform(*j["illuminant"], 3)
     od = H[..., None] * (a_h * h) + E[..., None] * (a_e * e) + tint      # (S, S, 3) optical density

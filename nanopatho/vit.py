@@ -90,12 +90,12 @@ class ViT(nn.Module):
 
     def position_embeddings(self, gh, gw):
         """Learned (1, g*g, C) grid, bicubically resized to (1, gh*gw, C) for another resolution."""
-        if gh * gw == self.pos_embed.shape[1] and gh == gw == self.config.grid:
+        if gh == gw == self.config.grid:
             return self.pos_embed
         g, C = self.config.grid, self.config.n_embd
-        grid = self.pos_embed.reshape(1, g, g, C).permute(0, 3, 1, 2)  # (1, C, g, g)
+        grid = self.pos_embed.float().reshape(1, g, g, C).permute(0, 3, 1, 2)  # (1, C, g, g)
         grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)  # (1, C, gh, gw)
-        return grid.permute(0, 2, 3, 1).reshape(1, gh * gw, C)
+        return grid.permute(0, 2, 3, 1).reshape(1, gh * gw, C).to(self.pos_embed.dtype)
 
     def forward(self, pixels):
         assert pixels.dim() == 4 and pixels.shape[1] == 3, f"expected (B, 3, H, W) pixels, got {tuple(pixels.shape)}"

@@ -5,6 +5,7 @@
 
 import math
 
+import pytest
 import torch
 
 from nanopatho.lm import (LM, KVCache, LMConfig, RMSNorm, apply_rope, filter_top_k_top_p, lm_loss, padding_attn_mask,
@@ -212,6 +213,9 @@ def test_left_padded_row_equals_prompt_alone():
         alone = lm.generate(torch.tensor([p]), max_new_tokens=8, temperature=0)
         assert torch.equal(batch.ids[i], alone.ids[0])
         assert torch.allclose(batch.logprobs[i], alone.logprobs[0], atol=1e-5)
+    right_ids, right_mask = ids.flip(1), mask.flip(1)
+    with pytest.raises(AssertionError, match="left-padded"):
+        lm.generate(right_ids, right_mask, max_new_tokens=2)
 
 
 def test_generate_logprobs_match_separate_forward():

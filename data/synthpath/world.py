@@ -463,7 +463,7 @@ RENDERERS = {"ADI": draw_adipose, "BACK": draw_background, "DEB": draw_debris, "
 # -----------------------------------------------------------------------------
 # stain model
 
-STAIN_JITTER = dict(vector=0.08, amount=0.3, thickness=0.3, illuminant=(0.82, 1.0), tint=0.12)
+STAIN_JITTER = dict(vector=0.09, amount=0.38, thickness=0.38, illuminant=(0.78, 1.0), tint=0.12)
 
 
 def stain(rng, H, E):

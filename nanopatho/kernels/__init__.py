@@ -31,7 +31,7 @@ def _use_triton(logits, impl):
     if impl == "torch":
         return False
     if impl == "auto":
-        return logits.is_cuda and triton_available()
+        return logits.is_cuda and _triton_imports()
     if not triton_available():
         raise RuntimeError("impl='triton' needs the triton package (pip install triton), or use impl='torch'")
     if not logits.is_cuda and not _kernels().INTERPRETED:
@@ -41,14 +41,24 @@ def _use_triton(logits, impl):
     return True
 
 
+def _triton_imports():
+    """True when the kernel module (and so triton) imports; auto falls back to torch otherwise."""
+    try:
+        _kernels()
+        return True
+    except ImportError:
+        return False
+
+
 def _kernels():
     from nanopatho.kernels import policy_loss_triton  # lazy: imports triton
     return policy_loss_triton
 
 
-def _check_inputs(logits, ids, mask):
+def _check_inputs(logits, ids, mask, temperature):
     """Shape contract; and ids counted by the loss must index the vocabulary (the kernel reads
     logits[id] unchecked). Costs one device sync."""
+    assert temperature > 0, f"temperature must be > 0 (greedy samples are scored at T=1), got {temperature}"
     assert logits.dim() == 3, f"logits must be (B, L, V), got {tuple(logits.shape)}"
     assert ids.shape == logits.shape[:2], f"ids {tuple(ids.shape)} must be (B, L) = {tuple(logits.shape[:2])}"
     assert mask is None or mask.shape == ids.shape, f"mask {tuple(mask.shape)} must match ids {tuple(ids.shape)}"
@@ -61,7 +71,7 @@ def token_logprobs(logits, ids, temperature=1.0, impl="auto"):
     """log softmax(logits / T)[ids] as fp32 (B, L), without grad (old and reference log-probs).
     Negative ids (padding targets) are read as id 0, as in rl.token_logprobs_torch: mask them out."""
     ids = ids.clamp(min=0)  # (B, L)
-    _check_inputs(logits, ids, None)
+    _check_inputs(logits, ids, None, temperature)
     with torch.no_grad():
         if _use_triton(logits, impl):
             return _kernels().token_logprobs(logits, ids, temperature)
@@ -80,7 +90,7 @@ def fused_policy_loss(logits, ids, logp_old, advantages, mask, *, temperature=1.
     it with rl.aggregate, the same code as the torch path; stats come from rl.policy_loss on the
     kernel's detached log-probs, so both paths report the same keys and meanings.
     """
-    _check_inputs(logits, ids, mask)
+    _check_inputs(logits, ids, mask, temperature)
     from nanopatho import rl
     B, L, V = logits.shape
     agg_args = dict(agg=agg, num_tokens=num_tokens, max_len=max_len, num_seqs=num_seqs)

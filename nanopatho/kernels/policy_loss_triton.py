@@ -165,7 +165,7 @@ class FusedPolicyLoss(torch.autograd.Function):
         rows = _rows(logits)  # (N, V)
         N = rows.shape[0]
         ids_f = _flat(ids, torch.int64)  # (N,)
-        mask_f = _flat(mask, torch.int8)  # (N,)
+        mask_f = _flat(mask != 0, torch.int8)  # (N,) 1 on tokens in the loss
         old_f = _flat(logp_old, torch.float32)
         adv_f = _flat(advantages, torch.float32)
         has_ref = logp_ref is not None

@@ -1,0 +1,219 @@
+"""SynthPath: determinism, split disjointness, no leakage, well-formed manifests, balanced
+answers, the colour baseline, and the world's rules (grade rule, drawn mitoses).
+
+    python -m pytest -x -q tests/test_synthpath.py
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.synthpath import world
+from data.synthpath.prepare import centroid_accuracy, colour_histogram, prepare
+from nanopatho.prompts import SYSTEM_PROMPT
+
+TINY = dict(seed=3, image_size=64, n_train=60, n_val=9, n_test=18, n_test_qa=20, vocab_size=400, progress=False)
+MANIFESTS = ["captions_train.jsonl", "captions_val.jsonl", "textbook.jsonl", "zeroshot_test.jsonl", "retrieval_test.jsonl",
+             "sft_train.jsonl", "rl_train.jsonl", "mcq_test.jsonl", "vqa_test.jsonl"]
+
+
+def _has_tokenizer():
+    try:
+        from nanopatho.tokenizer import Tokenizer  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def worlds(tmp_path_factory):
+    """The same tiny world twice: once in-process (1 worker), once with 2 worker processes."""
+    tok = _has_tokenizer()
+    a = tmp_path_factory.mktemp("sp_a")
+    b = tmp_path_factory.mktemp("sp_b")
+    prepare(str(a), workers=1, train_tokenizer=tok, **TINY)
+    prepare(str(b), workers=2, train_tokenizer=tok, **TINY)
+    return str(a), str(b)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _files(root):
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, root)] = p
+    return out
+
+
+def test_same_seed_same_bytes(worlds):
+    a, b = worlds
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    expected = set(MANIFESTS) | {"zeroshot_prompts.json", "meta.json", "contact_sheet.png"}
+    assert expected <= set(fa)
+    for rel in fa:
+        with open(fa[rel], "rb") as x, open(fb[rel], "rb") as y:
+            assert x.read() == y.read(), rel
+
+
+def test_other_seed_differs(tmp_path):
+    prepare(str(tmp_path), workers=1, train_tokenizer=False, **dict(TINY, seed=4, n_train=9, n_test=9, n_test_qa=2, n_val=0))
+    caps = read_jsonl(os.path.join(tmp_path, "captions_train.jsonl"))
+    assert len(caps) == 18
+    assert not os.path.exists(os.path.join(tmp_path, "tokenizer.json"))
+
+
+def _images(root, name, key="image"):
+    rows = read_jsonl(os.path.join(root, name))
+    if name == "sft_train.jsonl":
+        return {p for r in rows for p in r["images"]}
+    return {r[key] for r in rows}
+
+
+def test_splits_disjoint_and_images_exist(worlds):
+    root = worlds[0]
+    train = set().union(*[_images(root, n) for n in ("captions_train.jsonl", "sft_train.jsonl", "rl_train.jsonl")])
+    val = _images(root, "captions_val.jsonl")
+    test = set().union(*[_images(root, n) for n in ("zeroshot_test.jsonl", "retrieval_test.jsonl",
+                                                    "mcq_test.jsonl", "vqa_test.jsonl")])
+    assert len(train) == 60 and len(val) == 9 and len(test) == 18 + 20
+    assert not train & val and not train & test and not val & test
+    on_disk = {"images/" + n for n in os.listdir(os.path.join(root, "images"))}
+    assert on_disk == train | val | test
+
+
+def test_no_label_leakage(worlds):
+    root = worlds[0]
+    names = os.listdir(os.path.join(root, "images"))
+    assert all(re.fullmatch(r"[0-9a-f]{16}\.png", n) for n in names)
+    with open(os.path.join(root, "meta.json")) as f:
+        meta_text = f.read()
+    assert not any(n[:16] in meta_text for n in names)                     # no per-image metadata
+    for n in names[:20]:
+        with Image.open(os.path.join(root, "images", n)) as im:
+            assert im.size == (64, 64) and im.mode == "RGB"
+            assert not {k for k in im.info if k not in ("dpi", "gamma")}  # no text chunks
+
+
+def test_manifests_well_formed(worlds):
+    root = worlds[0]
+    meta = json.load(open(os.path.join(root, "meta.json")))
+    short = meta["short_answers"]
+    prompts = json.load(open(os.path.join(root, "zeroshot_prompts.json")))["0"]
+    assert sorted(prompts["classnames"]) == sorted(world.CLASSES)
+    assert all("CLASSNAME" in t for t in prompts["templates"])
+    zs = read_jsonl(os.path.join(root, "zeroshot_test.jsonl"))
+    assert sorted(r["label"] for r in zs) == sorted(list(world.CLASSES) * 2)   # class-balanced
+    for name in ("captions_train.jsonl", "captions_val.jsonl", "retrieval_test.jsonl"):
+        assert all(set(r) == {"image", "caption"} and r["caption"].strip() for r in read_jsonl(os.path.join(root, name)))
+    assert all(set(r) == {"text"} and r["text"] for r in read_jsonl(os.path.join(root, "textbook.jsonl")))
+    for r in read_jsonl(os.path.join(root, "sft_train.jsonl")):
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["system", "user", "assistant"] and r["messages"][0]["content"] == SYSTEM_PROMPT
+        assert r["messages"][1]["content"].startswith("<image>\n")
+        assert re.fullmatch(r"<think>[^<]+</think><answer>[^<]+</answer>", r["messages"][2]["content"])
+    for r in read_jsonl(os.path.join(root, "rl_train.jsonl")):
+        assert set(r) == {"image", "question", "options", "answer", "kind", "type"}
+        _check_answer(r, short)
+    for r in read_jsonl(os.path.join(root, "mcq_test.jsonl")):
+        assert set(r) == {"image", "question", "options", "answer", "type"}
+        _check_answer(dict(r, kind="mcq"), short)
+    for r in read_jsonl(os.path.join(root, "vqa_test.jsonl")):
+        assert set(r) == {"image", "question", "answer", "answer_type", "type"}
+        _check_answer(dict(r, kind="yesno" if r["answer_type"] == "CLOSED" else "short", options=None), short)
+    assert meta["files"]["rl_train.jsonl"] > meta["files"]["sft_train.jsonl"]
+
+
+def _check_answer(r, short):
+    if r["kind"] == "mcq":
+        assert [o[:3] for o in r["options"]] == ["A) ", "B) ", "C) ", "D) "] and r["answer"] in "ABCD"
+        assert len(set(r["options"])) == 4 and len({o[3:] for o in r["options"]}) == 4
+    elif r["kind"] == "yesno":
+        assert r["options"] is None and r["answer"] in ("yes", "no")
+    else:
+        assert r["kind"] == "short" and r["options"] is None and r["answer"] in short[r["type"]]
+
+
+def _spread(values, keys):
+    counts = [values.count(k) for k in keys]
+    return max(counts) - min(counts)
+
+
+def test_answers_balanced(worlds):
+    root = worlds[0]
+    mcq = [r["answer"] for r in read_jsonl(os.path.join(root, "mcq_test.jsonl"))]
+    assert _spread(mcq, "ABCD") <= 1
+    rl = read_jsonl(os.path.join(root, "rl_train.jsonl"))
+    assert _spread([r["answer"] for r in rl if r["kind"] == "mcq"], "ABCD") <= 1
+    assert _spread([r["answer"] for r in rl if r["kind"] == "yesno"], ["yes", "no"]) <= 1
+    closed = [r["answer"] for r in read_jsonl(os.path.join(root, "vqa_test.jsonl")) if r["answer_type"] == "CLOSED"]
+    assert _spread(closed, ["yes", "no"]) <= 1
+    # grade and count questions are only asked about tumour tiles, never decidable by class
+    meta = json.load(open(os.path.join(root, "meta.json")))
+    assert meta["chance"]["mcq_test"] == 0.25 and meta["chance"]["vqa_test_closed"] == 0.5
+
+
+def test_baseline_reported(worlds):
+    b = json.load(open(os.path.join(worlds[0], "meta.json")))["baselines"]["colour_histogram"]
+    assert 0.0 <= b["zeroshot_test_accuracy"] <= 1.0
+
+
+def test_colour_histogram_hand_case():
+    rgb = np.array([[[0, 0, 0], [255, 255, 255]], [[255, 0, 0], [40, 40, 40]]], np.uint8)   # (2, 2, 3)
+    h = colour_histogram(rgb)
+    assert h.shape == (512,) and h.sum() == pytest.approx(1.0)
+    # bin = r//32 * 64 + g//32 * 8 + b//32: black 0, white 511, red 7*64 = 448, grey 40 -> 1*64+1*8+1 = 73
+    assert h[0] == h[511] == h[448] == h[73] == 0.25
+
+
+def test_centroid_accuracy_hand_case():
+    x = np.array([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 2.0]])
+    y = ["a", "a", "b", "b"]                      # centroids (0, 1) and (10, 1)
+    test = np.array([[1.0, 1.0], [6.0, 1.0], [4.0, 1.0]])
+    assert centroid_accuracy(x, y, test, ["a", "b", "b"]) == pytest.approx(2 / 3)
+
+
+def test_colour_baseline_at_most_half(tmp_path):
+    """The trivial colour baseline must stay <= 50 % on the 9-class test (moderate world)."""
+    meta = prepare(str(tmp_path), seed=0, n_train=300, n_val=0, n_test=135, n_test_qa=4, workers=1,
+                   train_tokenizer=False, progress=False)
+    acc = meta["baselines"]["colour_histogram"]["zeroshot_test_accuracy"]
+    assert 1 / 9 < acc <= 0.5, acc
+
+
+def test_grade_rule():
+    base = dict(gland_formation="good", pleomorphism="mild", mitoses=2)
+    assert world.tumour_grade(base) == "low"
+    assert world.tumour_grade(dict(base, gland_formation="poor")) == "high"
+    assert world.tumour_grade(dict(base, pleomorphism="marked")) == "high"
+    assert world.tumour_grade(dict(base, mitoses=3)) == "high"
+    assert world.tumour_grade(dict(base, gland_formation="moderate", pleomorphism="moderate")) == "low"
+    rng = np.random.default_rng(0)
+    grades = [world.sample_attributes(rng, "TUM")["grade"] for _ in range(400)]
+    assert 0.3 < grades.count("high") / 400 < 0.7
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_mitoses_drawn_as_condensed_figures(k):
+    attrs = dict(world.sample_attributes(np.random.default_rng(1), "TUM"), mitoses=k, necrosis=False, mucin=False)
+    H, _ = world.draw_tumour(np.random.default_rng(2), 64, 1.0, attrs)
+    dark = H > 1.6                                 # ordinary nuclei are capped at 1.15
+    assert dark.any() == (k > 0)
+    assert dark.sum() >= 3 * k
+
+
+def test_image_size_scales_and_rejects_bad_size(tmp_path):
+    for cls in world.CLASSES:
+        rgb = world.render(np.random.default_rng(0), cls, world.sample_attributes(np.random.default_rng(0), cls), 224)
+        assert rgb.shape == (224, 224, 3) and rgb.dtype == np.uint8
+    with pytest.raises(ValueError):
+        prepare(str(tmp_path), image_size=50, progress=False, train_tokenizer=False)

@@ -158,7 +158,7 @@ def main(argv=None):
             json.dump({"ckpt": cfg.out_dir, "model_type": "clip", "data": cfg.data, "results": results}, f, indent=2)
         zs = results.get("zeroshot", {})
         training.print0(f"[clip] done in {time.time() - t0:.0f}s: zero-shot acc {zs.get('accuracy', float('nan')):.3f} "
-                        f"(chance {zs.get('chance', float('nan')):.3f}), skipped steps {skipped_steps} -> {cfg.out_dir}")
+                        f"(chance {zs.get('chance', {}).get('accuracy', float('nan')):.3f}), skipped steps {skipped_steps} -> {cfg.out_dir}")
     dist.shutdown()
 
 

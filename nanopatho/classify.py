@@ -100,11 +100,12 @@ def print_top_k(paths, class_names, probs, k):
         for rank, (p, i) in enumerate(zip(top_p[0].tolist(), top_i[0].tolist()), 1):
             print(f"  {rank}. {class_names[i]:<{w}}  {p:.4f}")
         return
-    names = [os.path.basename(p) for p in paths]
-    w = max(len("image"), *map(len, names))
-    print(f"{'image':<{w}}  " + "  ".join(f"top{r} (p)" for r in range(1, k + 1)))
-    for n, ps, idx in zip(names, top_p.tolist(), top_i.tolist()):
-        print(f"{n:<{w}}  " + "  ".join(f"{class_names[i]} ({p:.4f})" for p, i in zip(ps, idx)))
+    rows = [["image", *(f"top{r} (p)" for r in range(1, k + 1))]]
+    for path, ps, idx in zip(paths, top_p.tolist(), top_i.tolist()):
+        rows.append([os.path.basename(path), *(f"{class_names[i]} ({p:.4f})" for p, i in zip(ps, idx))])
+    widths = [max(len(row[j]) for row in rows) for j in range(k + 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def write_csv(path, paths, class_names, probs):

@@ -158,9 +158,9 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, num_tokens=Non
     "token-mean" (DAPO eq. 8, §3.3):          Σ M·L / num_tokens
         num_tokens defaults to M.sum(); pass the GLOBAL count over all micro-batches and
         ranks, so the micro-batch losses sum to the full-batch token mean. DDP averages
-        gradients over ranks, so under DDP backpropagate loss × world_size (verl: × dp_size;
-        TRL "dapo": divides by num_items_in_batch / num_processes). (verl: global tokens too; TRL "bnpo": local micro-batch
-        count; TRL "dapo": global count.)
+        gradients over ranks, so under DDP backpropagate loss × world_size. (verl: global
+        count × dp_size; TRL "dapo": num_items_in_batch / num_processes, the same; TRL
+        "bnpo": the local micro-batch count, which weights tokens unequally.)
     "seq-mean-token-mean" (GRPO eq. 3): (1/num_seqs) Σ_i (Σ_t M·L / Σ_t M), num_seqs
         defaults to B (rows with no valid token count, contributing 0, as in TRL).
     "seq-mean-token-sum-norm" (Dr. GRPO §3.2): Σ M·L / (num_seqs · max_len), max_len

@@ -245,14 +245,16 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, *, inputs_embeds=None, max_new_tokens, temperature=1.0,
-                 top_k=None, top_p=None, stop_ids=(), pad_id=0, generator=None):
+                 top_k=None, top_p=None, stop_ids=(), pad_id=0, generator=None, suppress_ids=(), on_token=None):
         """Sample up to max_new_tokens continuations of a left-padded batch of prompts.
 
         idx (B, T) prompt ids (may be None when inputs_embeds (B, T, C) are given, e.g. by the VLM);
         attention_mask (B, T) 1=real 0=pad. Returns GenerationOutput(ids, mask, logprobs), each (B, N),
         N <= max_new_tokens (the loop ends early once every row has emitted a stop id).
         logprobs are log_softmax(logits / T) of the *unfiltered* tempered distribution (T = 1 when
-        greedy), the quantity RL's importance ratio needs; top-k / top-p only restrict what is drawn."""
+        greedy), the quantity RL's importance ratio needs; top-k / top-p only restrict what is drawn.
+        suppress_ids can never be sampled (e.g. the VLM's image placeholder, an input-only token);
+        on_token(tok (B,), alive (B,)) is called after every step, for streaming to a terminal."""
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         device = x.device
@@ -276,10 +278,15 @@ class LM(nn.Module):
         # prefill: the whole prompt at once, keys/values written to cache slots [0, T)
         h = self.hidden_states(x, positions_from_mask(attention_mask), padding_attn_mask(attention_mask), cache, 0)
         logits = self.lm_head(h[:, -1]).float()  # (B, V) left padding => last column is each row's last real token
+        suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
         n = 0
         for n in range(max_new_tokens):
+            if len(suppress):
+                logits[:, suppress] = float("-inf")
             tok, logprob = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
             alive = ~finished
+            if on_token is not None:
+                on_token(tok, alive)
             out_ids[:, n] = torch.where(alive, tok, pad_id)
             out_mask[:, n] = alive
             out_logprobs[:, n] = torch.where(alive, logprob, 0.0)

@@ -138,7 +138,7 @@ def tables_markdown(report, meta):
         row = report["vlm"][stage]
         lines.append(f"| {label} | " + " | ".join(fmt(row[c], 0 if c == "wall time (s)" else 3) for c in cols) + " |")
     lines.append("| chance | " + " | ".join(fmt_chance(report["chance"]["vlm"].get(c)) for c in cols) + " |")
-    baseline = (meta or {}).get("trivial_baseline") or {}
+    baseline = ((meta or {}).get("baselines") or {}).get("colour_histogram") or {}
     if baseline:
         lines.append("| trivial baseline: " + baseline_label(baseline) + " | " +
                      " | ".join(baseline_cell(baseline, c) for c in cols) + " |")
@@ -153,13 +153,12 @@ def tables_markdown(report, meta):
 
 
 def baseline_label(baseline):
-    return str(baseline.get("name", "colour-histogram nearest centroid"))
+    return "colour-histogram nearest centroid (prepare.py)"
 
 
 def baseline_cell(baseline, column):
     """The trivial baseline's score where meta.json has one for this column."""
-    key = {"zero-shot acc": "zeroshot_accuracy", "zero-shot bal. acc": "zeroshot_balanced_accuracy",
-           "MCQ acc": "mcq_accuracy", "closed-VQA acc": "vqa_closed_accuracy"}.get(column)
+    key = {"zero-shot acc": "zeroshot_test_accuracy"}.get(column)
     value = baseline.get(key) if key else None
     return "—" if value is None else f"{value:.3f}"
 

@@ -38,8 +38,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
     scale="group" (GRPO, DeepSeekMath §4.1.2):  A_i = (r_i − mean_g) / (std_g + eps)
     scale="batch": A_i = (r_i − mean_g) / (std_batch + eps): group mean, std over the whole
-        batch -- TRL's scale_rewards="batch" (the "group mean, batch std" of Liu et al. 2025,
-        "Tricks or Traps? Part I"). Pass the global rewards under DDP, or the std is local.
+        batch -- TRL's scale_rewards="batch" (TRL gathers the rewards of all processes
+        first). Pass the global rewards under DDP, or the std is local.
     scale="none" (Dr. GRPO §3.2):  A_i = r_i − mean_g.
     std is the unbiased (n−1) one, as torch.std in TRL and verl; eps 1e-6 as verl (TRL: 1e-4).
     A group of size 1, or a group whose rewards are all equal, gets exactly 0: it carries

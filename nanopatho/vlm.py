@@ -107,7 +107,9 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
-        """Left-padded prompts with image placeholders -> lm.generate(...) (see LM.generate for kwargs)."""
+        """Left-padded prompts with image placeholders -> lm.generate(...) (see LM.generate for kwargs).
+        The placeholder token is never sampled: it only ever marks where image embeddings go."""
+        kwargs.setdefault("suppress_ids", (self.config.image_token_id,))
         x = self.embed(input_ids, pixel_values)
         return self.lm.generate(input_ids, attention_mask, inputs_embeds=x, **kwargs)
 

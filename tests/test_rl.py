@@ -439,6 +439,7 @@ def ddp_worker(out_path):
     total = nd.all_reduce_sum(loss.detach().clone())
     if rank == 0:
         torch.save({"loss": total, "grads": {n: p.grad for n, p in head.named_parameters()}}, out_path)
+    del model                      # free DDP's gloo reducer before the group: else rare SIGABRT at exit
     dist.barrier()
     nd.shutdown()
 

@@ -113,3 +113,20 @@ def test_every_preset_builds(preset):
     assert lm_config(preset, vocab).vocab_size == vocab and vit_config(preset).image_size in (64, 224)
     with pytest.raises(ValueError, match="unknown preset"):
         vit_config("huge")
+
+
+def test_generate_never_samples_the_image_placeholder_and_streams():
+    torch.manual_seed(0)
+    from nanopatho.presets import vlm_config
+    from nanopatho.vlm import VLM
+    cfg = vlm_config("toy", 40, 7)
+    cfg.lm.n_layer, cfg.vision.n_layer, cfg.vision.image_size = 1, 1, 32
+    model = VLM(cfg)
+    with torch.no_grad():
+        model.lm.lm_head.weight[7] += 50.0  # make the placeholder by far the likeliest token
+    ids = torch.tensor([[1] + [7] * model.n_image_tokens + [3, 4]])
+    seen = []
+    out = model.generate(ids, torch.randn(1, 3, 32, 32), max_new_tokens=6, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0), on_token=lambda tok, alive: seen.append(int(tok[0])))
+    assert 7 not in out.ids.tolist()[0]
+    assert seen == out.ids[0].tolist()

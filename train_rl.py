@@ -249,9 +249,11 @@ def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask,
                 beta=cfg.beta, agg=cfg.agg, num_tokens=n_global, max_len=cfg.max_new_tokens, impl=cfg.loss_impl)
             if cfg.agg == "token-mean":
                 loss = loss * dist.world_size()  # DDP averages gradients over ranks; the sum over ranks is wanted
-            entropy = rl.entropy_from_logits(logits.detach() / cfg.temperature, mask)
-            if cfg.entropy_coef:
-                loss = loss - cfg.entropy_coef * rl.entropy_from_logits(logits / cfg.temperature, mask)
+            entropy = rl.aggregate(rl.entropy_from_logits(logits.detach(), mask, cfg.temperature), mask, "token-mean")
+            if cfg.entropy_coef:  # bonus: -c * mean token entropy of the sampling distribution
+                bonus = rl.aggregate(rl.entropy_from_logits(logits, mask, cfg.temperature), mask, cfg.agg,
+                                     num_tokens=n_global, max_len=cfg.max_new_tokens)
+                loss = loss - cfg.entropy_coef * bonus
             loss.backward()
             grad_norm, stepped = training.optimizer_step(ddp_model, optimizer, cfg.grad_clip, cfg.on_nonfinite)
             stats = {k: float(v) for k, v in stats.items()}

@@ -73,7 +73,7 @@ def main():
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for r in run(args.batches, args.new, reps=args.reps):

@@ -67,7 +67,7 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=160)
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for r in run(args.batch, args.seq, reps=args.reps):

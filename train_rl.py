@@ -242,19 +242,21 @@ def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask,
         for rows in order.chunk(max(1, min(cfg.num_minibatches, n_rows))):
             mask = loss_mask[rows]  # (b, N)
             n_global = training.global_count(int(mask.sum()), device)  # token-mean's denominator, all ranks
+            seqs_global = training.global_count(len(rows), device)  # the seq-mean modes' denominator
             logits = completion_logits(ddp_model, batch, rows)  # (b, N, V)
             loss, stats = fused_policy_loss(
                 logits, batch["ids"][rows], logp_old[rows], adv[rows], mask, temperature=cfg.temperature,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, logp_ref=None if logp_ref is None else logp_ref[rows],
-                beta=cfg.beta, agg=cfg.agg, num_tokens=n_global, max_len=cfg.max_new_tokens, impl=cfg.loss_impl)
-            if cfg.agg == "token-mean":
-                loss = loss * dist.world_size()  # DDP averages gradients over ranks; the sum over ranks is wanted
+                beta=cfg.beta, agg=cfg.agg, num_tokens=n_global, num_seqs=seqs_global, max_len=cfg.max_new_tokens,
+                impl=cfg.loss_impl)
             entropy = rl.aggregate(rl.entropy_from_logits(logits.detach(), mask, cfg.temperature), mask, "token-mean")
             if cfg.entropy_coef:  # bonus: -c * mean token entropy of the sampling distribution
                 bonus = rl.aggregate(rl.entropy_from_logits(logits, mask, cfg.temperature), mask, cfg.agg,
-                                     num_tokens=n_global, max_len=cfg.max_new_tokens)
+                                     num_tokens=n_global, num_seqs=seqs_global, max_len=cfg.max_new_tokens)
                 loss = loss - cfg.entropy_coef * bonus
-            loss.backward()
+            # the normalisers above are global (all ranks); DDP averages gradients over ranks, so scale
+            # each rank's share by the world size to get the gradient of the one global loss
+            (loss * dist.world_size()).backward()
             grad_norm, stepped = training.optimizer_step(ddp_model, optimizer, cfg.grad_clip, cfg.on_nonfinite)
             stats = {k: float(v) for k, v in stats.items()}
             stats.update(loss=loss.item(), entropy=float(entropy), grad_norm=grad_norm, skipped=0.0 if stepped else 1.0)

@@ -79,6 +79,7 @@ class Config:
     loss_impl: str = field("auto", "policy-loss implementation: auto (Triton on CUDA) | torch | triton")
     eval_every: int = field(20, "held-out MCQ accuracy every N steps (0 = only at the end)")
     eval_limit: int = field(200, "MCQ items used by the periodic evaluation")
+    eval_max_new_tokens: int = field(128, "generation budget of the periodic evaluation (greedy)")
     save_every: int = field(20, "resumable snapshot every N steps")
     keep_checkpoints: int = field(2, "how many snapshots to keep")
     resume: bool = field(False, "continue from the newest snapshot in out_dir")
@@ -335,8 +336,8 @@ def main(argv=None):
         last = step == cfg.max_steps - 1
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
             if dist.is_main():
-                row["mcq_acc"] = eval_vlm(model, tokenizer, cfg.data, ["mcq"], limit=cfg.eval_limit,
-                                          device=device)["mcq"]["accuracy"]
+                row["mcq_acc"] = eval_vlm(model, tokenizer, cfg.data, ["mcq"], limit=cfg.eval_limit, device=device,
+                                          max_new_tokens=cfg.eval_max_new_tokens)["mcq"]["accuracy"]
             model.train()
         log.write(**row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", len=f"{row['response_length']:.0f}")

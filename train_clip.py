@@ -63,6 +63,7 @@ class Config:
     csv_caption_key: str = field("title", "CSV column holding the caption")
     csv_sep: str = field(",", "CSV separator")
     num_threads: int = field(0, "torch CPU threads (0 = torch default)")
+    debug_nan_step: int = field(-1, "testing: make the loss NaN at this optimizer step (-1 = never)")
 
 
 PRESETS = {
@@ -133,6 +134,7 @@ def main(argv=None):
             with training.no_sync_unless(ddp_model, micro == cfg.grad_accum - 1), training.autocast(device):
                 img_f, txt_f, scale = ddp_model(pixels, ids, mask)  # (B, D), (B, D), ()
                 loss = clip_loss(img_f.float(), txt_f.float(), scale.float()) / cfg.grad_accum
+                loss = loss * float("nan") if step == cfg.debug_nan_step else loss
                 loss.backward()
             step_loss += loss.item()
         grad_norm, stepped = training.optimizer_step(ddp_model, optimizer, cfg.grad_clip, cfg.on_nonfinite)
@@ -163,4 +165,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except training.NonFiniteError as e:  # --on_nonfinite stop: one clear line, no traceback
+        training.fail(str(e))

@@ -87,6 +87,7 @@ class Config:
     skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
     allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
     num_threads: int = field(0, "torch CPU threads (0 = torch default)")
+    debug_nan_step: int = field(-1, "testing: make the loss NaN at this optimizer step (-1 = never)")
 
 
 PRESETS = {
@@ -234,8 +235,9 @@ def score(model, batch, temperature, impl, chunk=16):
     return torch.cat(out, 0)  # (B, N)
 
 
-def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device):
-    """ppo_epochs x num_minibatches optimizer steps on one rollout batch. Returns mean stats."""
+def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device, poison=False):
+    """ppo_epochs x num_minibatches optimizer steps on one rollout batch. Returns mean stats.
+    `poison` makes the loss NaN (testing the non-finite guard)."""
     n_rows = batch["ids"].shape[0]
     stats_sum, n_updates = {}, 0
     for epoch in range(cfg.ppo_epochs):
@@ -255,6 +257,7 @@ def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask,
                 bonus = rl.aggregate(rl.entropy_from_logits(logits, mask, cfg.temperature), mask, cfg.agg,
                                      num_tokens=n_global, num_seqs=seqs_global, max_len=cfg.max_new_tokens)
                 loss = loss - cfg.entropy_coef * bonus
+            loss = loss * float("nan") if poison else loss
             # the normalisers above are global (all ranks); DDP averages gradients over ranks, so scale
             # each rank's share by the world size to get the gradient of the one global loss
             (loss * dist.world_size()).backward()
@@ -328,7 +331,8 @@ def main(argv=None):
                 loss_mask = loss_mask * (~batch["truncated"]).float().to(device)[:, None]
             logp_old = score(model, batch, cfg.temperature, cfg.loss_impl)
             logp_ref = score(ref, batch, cfg.temperature, cfg.loss_impl) if ref is not None else None
-            row.update(update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device))
+            row.update(update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device,
+                              poison=step == cfg.debug_nan_step))
             row["reward_std"] = batch["reward"].std().item() if batch["reward"].numel() > 1 else 0.0
             skipped_steps += int(row.get("skipped", 0) > 0)
         row.update(gen_seconds=t_gen, update_seconds=time.time() - t_upd, skipped_steps=skipped_steps,
@@ -352,4 +356,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except training.NonFiniteError as e:  # --on_nonfinite stop: one clear line, no traceback
+        training.fail(str(e))

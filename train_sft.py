@@ -86,4 +86,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except training.NonFiniteError as e:  # --on_nonfinite stop: one clear line, no traceback
+        training.fail(str(e))

@@ -14,7 +14,8 @@ turn the model completes. The reply is shown split into its reasoning ("thinking
     answer-only  an <answer>..</answer> block is there but the format around it is not
     none         no closed <answer> block (what an untrained model gives)
 
-The reply is printed once it is complete (LM.generate has no per-token callback).
+On a terminal, a single reply streams token by token as it is generated (the <think> part dim,
+the <answer> part bold), then its parse status; piped output gets the three labelled lines.
 In --interactive mode earlier turns stay in the context; when the next reply would not fit
 in the LM's max_seq_len the conversation restarts from the current question (a message says so).
 Any bad input (missing file, not an image, a CLIP checkpoint, a tokenizer that does not fit the
@@ -151,8 +152,9 @@ def room(model, prompt_ids):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, images_u8, args, generator):
-    """Left-padded batch of prompts (one image each) -> list of reply texts, up to the first end marker."""
+def generate(model, tokenizer, prompts, images_u8, args, generator, on_token=None):
+    """Left-padded batch of prompts (one image each) -> list of reply texts, up to the first end marker.
+    on_token(tok (B,), alive (B,)) is called after every decoding step (streaming)."""
     device = args.device
     budget = min(args.max_new_tokens, min(room(model, p) for p in prompts))
     ids, mask = pad_sequences(prompts, tokenizer.pad_id, side="left")  # (B, T), (B, T)
@@ -161,7 +163,7 @@ def generate(model, tokenizer, prompts, images_u8, args, generator):
         out = model.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=budget,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              stop_ids=(tokenizer.im_end_id, tokenizer.eos_id), pad_id=tokenizer.pad_id,
-                             generator=generator)
+                             generator=generator, on_token=on_token)
     stops = {tokenizer.im_end_id, tokenizer.eos_id}
     replies = []
     for row_ids, row_mask in zip(out.ids.cpu(), out.mask.cpu()):  # (N,), (N,)
@@ -187,19 +189,47 @@ def thinking_part(reply):
     return reply[start:min(ends, default=len(reply))].strip()
 
 
-def style(text, code, tty):
-    """ANSI style (2 = dim, 1 = bold) only when writing to a terminal."""
-    return f"\033[{code}m{text}\033[0m" if tty else text
+def style(text, code):
+    """ANSI style for a terminal: 2 = dim, 1 = bold, 0 = plain."""
+    return f"\033[{code}m{text}\033[0m" if code else text
 
 
-def print_reply(reply, tty):
+def print_reply(reply):
     """thinking: / answer: / parse: lines; the raw reply too when it does not parse cleanly."""
     thinking, answer, status = thinking_part(reply), extract_answer(reply), parse_status(reply)
-    print(style(f"thinking: {thinking if thinking is not None else '-'}", 2, tty))
-    print(style(f"answer: {answer if answer is not None else '-'}", 1, tty))
+    print(f"thinking: {thinking if thinking is not None else '-'}")
+    print(f"answer: {answer if answer is not None else '-'}")
     print(f"parse: {status}")
     if status != "ok":
         print(f"raw: {reply if reply else '(empty reply)'}")
+
+
+class Streamer:
+    """Prints row 0 of a generation as it happens: the <think> part dim, the <answer> part bold.
+
+    Byte-level BPE can split a character over tokens, so the whole reply is decoded again at each
+    step and only the new, complete characters are printed."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+        self.stops = {tokenizer.im_end_id, tokenizer.eos_id}
+
+    def __call__(self, tok, alive):
+        token = int(tok[0])
+        if not bool(alive[0]) or token in self.stops:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special=False)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return  # half a character, or a re-segmentation: wait for the next token
+        new, self.shown = text[len(self.shown):], text
+        in_think = text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE)
+        in_answer = text.rfind(ANSWER_OPEN) > text.rfind("</answer>")
+        print(style(new, 2 if in_think else 1 if in_answer else 0), end="", flush=True)
+
+    def finish(self, reply):
+        print()
+        print(f"parse: {parse_status(reply)}")
 
 
 def flat(text, width):
@@ -228,12 +258,16 @@ def ask_once(model, tokenizer, paths, images_u8, args, generator):
     prompt = render(tokenizer, model, first_turn(args.question, parse_options(args.options)))
     if room(model, prompt) < 1:
         raise CLIError(f"the prompt is {len(prompt)} tokens, the model's context is {model.config.lm.max_seq_len}")
+    if len(paths) == 1 and sys.stdout.isatty():
+        streamer = Streamer(tokenizer)
+        streamer.finish(generate(model, tokenizer, [prompt], images_u8, args, generator, on_token=streamer)[0])
+        return
     replies = []
     for i in range(0, len(paths), args.batch_size):
         batch = images_u8[i:i + args.batch_size]
         replies += generate(model, tokenizer, [prompt] * len(batch), batch, args, generator)
     if len(paths) == 1:
-        print_reply(replies[0], sys.stdout.isatty())
+        print_reply(replies[0])
     else:
         print_table(paths, replies)
 
@@ -268,8 +302,13 @@ def chat(model, tokenizer, image_u8, args, generator):
             prompt = render(tokenizer, model, turn)
         if room(model, prompt) < 1:
             raise CLIError(f"the question alone fills the model's context ({len(prompt)} >= {max_len} tokens)")
-        reply = generate(model, tokenizer, [prompt], image_u8, args, generator)[0]
-        print_reply(reply, tty)
+        if tty:
+            streamer = Streamer(tokenizer)
+            reply = generate(model, tokenizer, [prompt], image_u8, args, generator, on_token=streamer)[0]
+            streamer.finish(reply)
+        else:
+            reply = generate(model, tokenizer, [prompt], image_u8, args, generator)[0]
+            print_reply(reply)
         messages = turn + [{"role": "assistant", "content": reply}]
 
 

@@ -60,6 +60,7 @@ class TrainConfig:
     skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
     allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
     num_threads: int = field(0, "torch CPU threads (0 = torch default)")
+    debug_nan_step: int = field(-1, "testing: make the loss NaN at this optimizer step (-1 = never)")
 
 
 def make_batch(examples, indices, pad_id, generator, train_aug, device):
@@ -84,13 +85,14 @@ def batch_loss_sum(model, batch):
     return loss_sum, n_tokens
 
 
-def accumulate_gradients(model, batches, device):
+def accumulate_gradients(model, batches, device, poison=False):
     """Backward over the step's micro-batches so the gradient is that of the mean token loss
     over every target token of the step, on every rank:
 
         loss = sum_{micro, rank} sum_tokens CE / N_global,   N_global = sum_{micro, rank} n_tokens
 
     DDP averages gradients over ranks, so each rank's share is multiplied by the world size.
+    `poison` makes the loss NaN (testing the non-finite guard).
     Returns (the step's mean token loss, N_global)."""
     local_tokens = sum(int((b["loss_mask"] * (b["targets"] >= 0)).sum()) for b in batches)
     n_global = training.global_count(local_tokens, device)  # tokens in the whole optimizer step
@@ -99,6 +101,7 @@ def accumulate_gradients(model, batches, device):
         with training.no_sync_unless(model, micro == len(batches) - 1), training.autocast(device):
             loss_sum, _ = batch_loss_sum(model, batch)
             loss = loss_sum * dist.world_size() / n_global  # this micro-batch's share of the global mean
+            loss = loss * float("nan") if poison else loss
             loss.backward()
         step_loss += loss.item() / dist.world_size()
     step_loss = dist.all_reduce_sum(torch.tensor(step_loss, device=device)).item()
@@ -148,7 +151,7 @@ def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=Non
                                          cfg.seed, dist.rank(), dist.world_size())
             gen = training.generator_for(cfg.seed, step, micro, dist.rank())
             batches.append(make_batch(train_set, idx, tokenizer.pad_id, gen, cfg.augment, device))
-        step_loss, n_global = accumulate_gradients(ddp_model, batches, device)
+        step_loss, n_global = accumulate_gradients(ddp_model, batches, device, poison=step == cfg.debug_nan_step)
         if grad_filter is not None:
             grad_filter(step, model)
         grad_norm, stepped = training.optimizer_step(ddp_model, optimizer, cfg.grad_clip, cfg.on_nonfinite)

@@ -146,3 +146,21 @@ def test_bad_input_through_the_real_cli(world):
     r = cli("--ckpt", world["root"] / "clip", "--image", world["images"][0], "--question", "Which tissue?")
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_streamer_prints_the_reply_as_tokens_arrive(capsys):
+    import torch
+
+    from nanopatho.generate import Streamer
+    from nanopatho.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["the tumour is high grade, with many mitoses ünïcode"] * 20, 300)
+    reply = "<think>the tumour is high grade ü</think><answer>high</answer>"
+    streamer = Streamer(tok)
+    for t in tok.encode(reply) + [tok.im_end_id]:
+        streamer(torch.tensor([t]), torch.tensor([True]))
+    streamer.finish(reply)
+    out = capsys.readouterr().out
+    plain = out.replace("\033[2m", "").replace("\033[1m", "").replace("\033[0m", "")
+    assert plain == reply + "\nparse: ok\n"
+    assert "\033[2m" in out and "\033[1m" in out  # thinking dim, answer bold

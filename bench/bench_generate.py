@@ -42,7 +42,7 @@ def compare_tokens(ours, theirs):
     return f"TOKENS DIFFER: {len(diff)} of {ours.numel()}, first at row {first[0]} step {first[1]}"
 
 
-def run(batches=(32, 64), new=64, warmup=1, reps=3, vocab_size=4096):
+def run(batches=(32, 64), new=64, warmup=1, reps=7, vocab_size=4096):
     lm = make_lm("toy", vocab_size).eval()
     hf = qwen2_peer(lm).eval()
     rows = []
@@ -72,7 +72,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64])
     p.add_argument("--new", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -41,7 +41,7 @@ def train_step_fn(model, opt, step):
     return run
 
 
-def run(batch=16, seq=160, warmup=2, reps=7, preset="toy", vocab_size=4096):
+def run(batch=16, seq=160, warmup=2, reps=15, preset="toy", vocab_size=4096):
     lm = make_lm(preset, vocab_size)
     hf = qwen2_peer(lm)
     g = torch.Generator().manual_seed(1)
@@ -66,7 +66,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=160)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -142,6 +142,13 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, start)  # (B, kvh, start+T, hd)
         # softmax(q k^T / sqrt(hd) + mask) v; a mask is never combined with is_causal
         gqa = self.n_kv_head != self.n_head
+        if cache is not None and T == 1 and gqa:
+            # one decoding step: fold the query heads sharing a kv head into the row axis, which is
+            # cheaper than SDPA's general GQA path for a single query
+            g = self.n_head // self.n_kv_head
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, g, self.head_dim), k, v,
+                                               attn_mask=attn_mask)  # (B, kvh, g, hd)
+            return self.o_proj(y.reshape(B, 1, -1))  # (B, 1, C): head order kvh-major = q's order
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, nh, T, hd)
         else:
@@ -342,15 +349,14 @@ def filter_top_k_top_p(logits, top_k=None, top_p=None):
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) fp32 -> (token (B,), log_softmax(logits / T)[token] (B,)). temperature 0 = greedy (T = 1 for logprobs)."""
+    scaled = logits if temperature == 0 else logits / temperature  # (B, V)
     if temperature == 0:
-        tok = logits.argmax(dim=-1)
-        logp = logits.log_softmax(dim=-1)
+        tok = scaled.max(dim=-1).indices  # (B,) faster than argmax on the CPU
     else:
-        scaled = logits / temperature
-        logp = scaled.log_softmax(dim=-1)  # (B, V)
         probs = filter_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)
         tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+    # log p(tok) = z_tok - logsumexp(z): no (B, V) log-softmax needed
+    return tok, scaled.gather(-1, tok[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1)
 
 
 def from_qwen2_state_dict(state_dict):

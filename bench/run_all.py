@@ -99,10 +99,17 @@ def main():
     p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     p.add_argument("--markdown", action="store_true", help="print bench/results/latest.json as markdown; run nothing")
     p.add_argument("--with_loss", action="store_true", help="also run bench/bench_loss.py after the table")
+    p.add_argument("--readme", default=None, help="with --markdown: write the table into this README's Performance section")
     args = p.parse_args()
     if args.markdown:
         with open(RESULTS) as f:
-            print(table(json.load(f), markdown=True))
+            markdown = table(json.load(f), markdown=True)
+        print(markdown)
+        if args.readme:
+            sys.path.insert(0, os.path.dirname(HERE))
+            from nanopatho.report import rewrite_readme
+            rewrite_readme(args.readme, f"From `{os.path.relpath(RESULTS)}`:\n\n{markdown}",
+                           "<!-- bench:start -->", "<!-- bench:end -->")
         return
     names = args.only.split(",")
     unknown = set(names) - set(BENCHES)

@@ -224,15 +224,15 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     return "\n".join(parts) + "\n"
 
 
-def rewrite_readme(readme, block):
-    """Replace the text between the results markers of README.md with `block`."""
+def rewrite_readme(readme, block, start=START, end=END):
+    """Replace the text between two marker lines of README.md with `block`."""
     with open(readme) as f:
         text = f.read()
-    assert START in text and END in text, f"{readme} lacks the {START} / {END} markers"
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
+    assert start in text and end in text, f"{readme} lacks the {start} / {end} markers"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     with open(readme, "w") as f:
-        f.write(head + START + "\n" + block.strip() + "\n" + END + tail)
+        f.write(head + start + "\n" + block.strip() + "\n" + end + tail)
 
 
 def main(argv=None):

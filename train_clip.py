@@ -41,7 +41,7 @@ class Config:
     out_dir: str = field("out/clip", "output directory")
     seed: int = field(0, "random seed")
     device: str = field("auto", "auto | cpu | cuda | mps")
-    max_steps: int = field(600, "optimizer steps")
+    max_steps: int = field(400, "optimizer steps")
     batch_size: int = field(128, "image-text pairs per micro-batch per rank")
     grad_accum: int = field(1, "micro-batches per optimizer step (negatives stay within a micro-batch x ranks)")
     lr: float = field(1e-3, "peak learning rate")
@@ -67,7 +67,7 @@ class Config:
 
 
 PRESETS = {
-    "toy": dict(max_steps=600, batch_size=128, lr=1e-3, warmup_steps=30),
+    "toy": dict(max_steps=400, batch_size=128, lr=1e-3, warmup_steps=30),
     "small": dict(max_steps=10000, batch_size=256, lr=5e-4, warmup_steps=500),
     "base": dict(max_steps=30000, batch_size=512, lr=5e-4, warmup_steps=2000),
 }

@@ -51,13 +51,13 @@ class Config:
     out_dir: str = field("out/rl", "output directory")
     seed: int = field(0, "random seed (prompt order, sampling)")
     device: str = field("auto", "auto | cpu | cuda | mps")
-    max_steps: int = field(40, "RL steps (one rollout batch each)")
-    prompts_per_step: int = field(16, "prompts per rank per step (groups kept after filtering)")
+    max_steps: int = field(60, "RL steps (one rollout batch each)")
+    prompts_per_step: int = field(8, "prompts per rank per step (groups kept after filtering)")
     group_size: int = field(8, "G: completions sampled per prompt")
     temperature: float = field(1.0, "sampling temperature (the loss uses log-probs of logits / T)")
     top_p: float = field(1.0, "nucleus sampling during rollouts (1 = off)")
-    max_new_tokens: int = field(64, "L_max: completion length limit")
-    lr: float = field(1e-5, "learning rate (constant after warmup)")
+    max_new_tokens: int = field(128, "L_max: completion length limit")
+    lr: float = field(5e-5, "learning rate (constant after warmup)")
     warmup_steps: int = field(0, "linear warmup steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
     grad_clip: float = field(1.0, "gradient-norm clip (0 = off)")
@@ -71,14 +71,14 @@ class Config:
     dynamic_sampling: int = field(-1, "drop zero-spread groups and resample (algo default: 0 GRPO, 1 DAPO)")
     max_gen_rounds: int = field(3, "dynamic sampling: at most this many rollout rounds per step")
     overlong_shaping: int = field(-1, "DAPO length penalty in the last cache_len tokens (algo default: 0 GRPO, 1 DAPO)")
-    overlong_cache: int = field(16, "L_cache: soft-penalty window before max_new_tokens")
+    overlong_cache: int = field(32, "L_cache: soft-penalty window before max_new_tokens")
     overlong_filter: bool = field(False, "mask completions cut at max_new_tokens out of the loss")
     w_format: float = field(0.1, "reward weight of the format check")
     w_acc: float = field(0.9, "reward weight of the accuracy check")
     entropy_coef: float = field(0.0, "entropy bonus (0 = only logged)")
     loss_impl: str = field("auto", "policy-loss implementation: auto (Triton on CUDA) | torch | triton")
-    eval_every: int = field(20, "held-out MCQ accuracy every N steps (0 = only at the end)")
-    eval_limit: int = field(200, "MCQ items used by the periodic evaluation")
+    eval_every: int = field(20, "held-out MCQ accuracy every N steps, logged only (0 = only at the end)")
+    eval_limit: int = field(100, "MCQ items used by the periodic evaluation")
     eval_max_new_tokens: int = field(128, "generation budget of the periodic evaluation (greedy)")
     save_every: int = field(20, "resumable snapshot every N steps")
     keep_checkpoints: int = field(2, "how many snapshots to keep")
@@ -91,7 +91,7 @@ class Config:
 
 
 PRESETS = {
-    "toy": dict(max_steps=40, prompts_per_step=16, group_size=8, lr=1e-5, max_new_tokens=64),
+    "toy": dict(max_steps=60, prompts_per_step=8, group_size=8, lr=5e-5, max_new_tokens=128, overlong_cache=32),
     "small": dict(max_steps=500, prompts_per_step=32, group_size=8, lr=2e-6, max_new_tokens=512),
     "base": dict(max_steps=1000, prompts_per_step=64, group_size=8, lr=1e-6, max_new_tokens=1024),
 }

@@ -32,7 +32,7 @@ TINY_ARGS = {
     # DAPO: dynamic sampling, overlong shaping (the crafted init's varied lengths give varied rewards)
     "train_rl.py": ["--algo", "dapo", "--prompts_per_step", "2", "--group_size", "4", "--max_new_tokens", "8",
                     "--overlong_cache", "8", "--max_gen_rounds", "2", "--eval_every", "0", "--eval_limit", "2",
-                    "--lr", "1e-4"],
+                    "--lr", "1e-6"],
 }
 MANIFEST = {"train_clip.py": "captions_train.jsonl", "train_pretrain.py": "captions_train.jsonl",
             "train_sft.py": "sft_train.jsonl", "train_rl.py": "rl_train.jsonl"}

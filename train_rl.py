@@ -87,7 +87,7 @@ class Config:
     skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
     allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
     num_threads: int = field(0, "torch CPU threads (0 = torch default)")
-    debug_nan_step: int = field(-1, "testing: make the loss NaN at this optimizer step (-1 = never)")
+    debug_nan_step: int = field(-1, "testing: make the loss NaN in every update of this RL step (-1 = never)")
 
 
 PRESETS = {
@@ -95,6 +95,7 @@ PRESETS = {
     "small": dict(max_steps=500, prompts_per_step=32, group_size=8, lr=2e-6, max_new_tokens=512),
     "base": dict(max_steps=1000, prompts_per_step=64, group_size=8, lr=1e-6, max_new_tokens=1024),
 }
+KINDS = ("mcq", "yesno", "short")  # the answer kinds of rl_train.jsonl
 ALGO_DEFAULTS = {
     "grpo": dict(eps_high=0.2, beta=0.04, agg="seq-mean-token-mean", dynamic_sampling=0, overlong_shaping=0),
     "dapo": dict(eps_high=0.28, beta=0.0, agg="token-mean", dynamic_sampling=1, overlong_shaping=1),
@@ -151,9 +152,10 @@ def rollout(cfg, model, tokenizer, items, images, indices, gen, device):
     reward = cfg.w_format * fmt + cfg.w_acc * acc  # (B,)
     if cfg.overlong_shaping:
         reward = reward + rl.overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
+    kind = torch.tensor([KINDS.index(k) for _, k in answers])  # (B,) for per-kind accuracy
     return dict(prompt_ids=p_ids, prompt_mask=p_mask, pixels=pixels, ids=out.ids, mask=c_mask,
                 reward=reward.float(), acc=acc.float(), fmt=fmt.float(), length=lengths.float(),
-                truncated=truncated)
+                truncated=truncated, kind=kind)
 
 
 def cat_rollouts(parts):
@@ -324,6 +326,8 @@ def main(argv=None):
         row = dict(step=step + 1, reward=global_mean(batch["reward"], device), accuracy=global_mean(batch["acc"], device),
                    format_rate=global_mean(batch["fmt"], device), response_length=global_mean(batch["length"], device),
                    truncated=global_mean(batch["truncated"].float(), device), **sampling)
+        for k, name in enumerate(KINDS):
+            row[f"accuracy_{name}"] = global_mean(batch["acc"][batch["kind"] == k], device)
         if batch["ids"].shape[0] > 0:
             adv = rl.group_advantages(batch["reward"], cfg.group_size, scale=cfg.adv_scale).to(device)  # (B,)
             loss_mask = batch["mask"].float()

@@ -57,6 +57,8 @@ def conversation_examples(cfg, tokenizer, n_image_tokens, image_size):
         ids, mask = tokenizer.render_chat(c["messages"], n_image_tokens)
         if len(ids) > cfg.max_seq_len:  # keep the prompt, cut the reply's tail
             ids, mask = ids[: cfg.max_seq_len], mask[: cfg.max_seq_len]
+            if ids.count(tokenizer.image_id) != n_image_tokens * len(c["images"]):
+                raise DataError(f"{c['source']}: --max_seq_len {cfg.max_seq_len} cuts into the image tokens")
         rows = val_rows if cfg.val_every and n % cfg.val_every == cfg.val_every - 1 else train_rows
         rows[0].append((ids, mask))
         rows[1].append(slot.get(c["source"], -1))

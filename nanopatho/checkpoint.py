@@ -239,8 +239,9 @@ def save_checkpoint(out_dir, step, model, tokenizer, run_config, optimizer, stat
     tensors, optim_meta = _optimizer_tensors(optimizer)
     rng_tensors, rng_json = rng_state()
     save_file({**tensors, **rng_tensors}, os.path.join(tmp, "train_state.safetensors"))
-    pause = float(os.environ.get("NANOPATHO_TEST_PAUSE_IN_SAVE", "0"))
-    if pause:  # test hook: lets a test kill the process while a snapshot is half written
+    pause, _, at_step = os.environ.get("NANOPATHO_TEST_PAUSE_IN_SAVE", "0").partition("@")  # "seconds[@step]"
+    pause = float(pause)
+    if pause and (not at_step or int(at_step) == step):  # test hook: kill the process mid-save
         print(f"[checkpoint] pausing {pause}s inside save of step {step}", flush=True)
         time.sleep(pause)
     _write_json(os.path.join(tmp, "train_state.json"), {"state": state, "optimizer": optim_meta, "rng": rng_json})

@@ -131,7 +131,8 @@ def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=Non
     """Run the optimizer loop; returns a summary dict. `grad_filter(step, model)` may drop
     gradients before the update (stage 1's projector-only alignment phase)."""
     device = next(model.parameters()).device
-    ddp_model = training.wrap_ddp(model, device)
+    text_only_rows = any(i < 0 for i in train_set.image_index)  # such a batch leaves the vision tower unused
+    ddp_model = training.wrap_ddp(model, device, find_unused_parameters=text_only_rows)
     optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start_step, skipped_steps = 0, 0
     snapshot = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None

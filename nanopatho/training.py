@@ -65,10 +65,13 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def wrap_ddp(model, device):
+def wrap_ddp(model, device, find_unused_parameters=False):
+    """DDP when launched by torchrun. find_unused_parameters=True is needed when a rank's batch
+    may leave parameters without a gradient (a text-only batch never touches the vision tower)."""
     if not dist.is_dist():
         return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=find_unused_parameters)
 
 
 def no_sync_unless(model, sync):

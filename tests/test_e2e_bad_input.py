@@ -189,3 +189,10 @@ def test_rewards_never_evaluate_model_text(kind, answer, template, tmp_path):
     assert all(isinstance(v, float) and v == v for v in values)
     assert not marker.exists()
     assert accuracy_reward(text, answer, kind) == 0.0
+
+
+def test_sft_max_seq_len_cutting_the_image_is_a_clear_error(world, tmp_path):
+    """A --max_seq_len that ends before a conversation's image tokens: one line, not a traceback."""
+    proc = run_script("train_sft.py", world, tmp_path, ["--max_steps", 1, "--max_seq_len", 24])
+    last = assert_clean_failure(proc)
+    assert "cuts into the image tokens" in last

@@ -79,7 +79,7 @@ def test_kill_inside_save_keeps_previous_snapshot(world, tmp_path, tmp_path_fact
     k = random.randint(4, n - 2)
     out = tmp_path / "run"
     args = ["--max_steps", n, "--save_every", 1, "--keep_checkpoints", 2]
-    proc = start_script(script, world, out, args, NANOPATHO_TEST_PAUSE_IN_SAVE="60")
+    proc = start_script(script, world, out, args, NANOPATHO_TEST_PAUSE_IN_SAVE=f"60@{k}")
     for line in proc.stdout:
         m = re.search(r"\[checkpoint\] pausing .* inside save of step (\d+)", line)
         if m and int(m.group(1)) == k:

@@ -9,7 +9,9 @@
 #   bash speedrun.sh --update_readme      # also rewrite README.md's results section from the report
 #   PYTHON=python3.11 OUT=out DATA=data/synthpath bash speedrun.sh
 #
-# Every stage prints one summary line; logs are under $OUT/seed<k>/<stage>/.
+# Every stage prints one summary line; logs are under $OUT/seed<k>/. A stage whose model is
+# already there is skipped, so an interrupted speedrun continues where it stopped
+# (rm -r out/ to start afresh).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -42,8 +44,11 @@ if [ "$SKIP_SETUP" != 1 ]; then
 fi
 mkdir -p "$OUT"
 
-stage() {  # stage NAME LOGFILE CMD... : run, time, keep the log, print its last line
+stage() {  # stage NAME LOGFILE CMD... : run, time, keep the log, print its summary line
   local name=$1 log=$2; shift 2
+  if [ -f "$(dirname "$log")/$name/model.safetensors" ]; then  # finished by an earlier run: keep it
+    echo "[$name] already done: $(dirname "$log")/$name"; return 0
+  fi
   local t0=$SECONDS
   "$@" 2>&1 | tee "$log" | grep -E "^\[(clip|pretrain|sft|rl)\] done|^error" || true
   local rc=${PIPESTATUS[0]}
@@ -62,7 +67,6 @@ fi
 for SEED in ${SEEDS//,/ }; do
   O="$OUT/seed$SEED"
   mkdir -p "$O"
-  rm -f "$O/times.jsonl"
   common=(--preset "$PRESET" --data "$DATA" --seed "$SEED")
   stage clip "$O/clip.log" $PYTHON train_clip.py "${common[@]}" --out_dir "$O/clip"
   stage pretrain "$O/pretrain.log" $PYTHON train_pretrain.py "${common[@]}" --vision_init "$O/clip" --out_dir "$O/pretrain"

@@ -70,3 +70,31 @@ def test_image_positions_and_padding_are_never_targets():
     counted = batch["loss_mask"].bool() & (batch["targets"] >= 0)  # (B, T)
     assert not (batch["targets"][counted] == IMAGE_ID).any()
     assert counted.sum() == sum(sum(m[1:]) for _, m in (data.seqs[0], data.seqs[1]))
+
+
+def test_tiny_model_overfits_one_conversation_and_reproduces_it_greedily():
+    from nanopatho.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["<think>crowded large nuclei, poor glands</think><answer>high grade</answer>"] * 10, 300)
+    torch.manual_seed(0)
+    cfg = vlm_config("toy", tok.vocab_size, tok.image_id)
+    cfg.lm.n_layer, cfg.vision.n_layer, cfg.vision.image_size = 2, 1, 32
+    model = VLM(cfg)
+    reply = "<think>crowded large nuclei, poor glands</think><answer>high grade</answer>"
+    messages = [{"role": "user", "content": "<image>\nWhat grade?"}, {"role": "assistant", "content": reply}]
+    ids, mask = tok.render_chat(messages, model.n_image_tokens)
+    data = Examples([(ids, mask)], [0], torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8,
+                                                       generator=torch.Generator().manual_seed(0)))
+    batch = make_batch(data, [0], tok.pad_id, None, False, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss_sum, n = batch_loss_sum(model, batch)
+        (loss_sum / n).backward()
+        opt.step()
+        opt.zero_grad()
+    assert (loss_sum / n).item() < 0.05
+    prompt = tok.render_chat(messages[:1], model.n_image_tokens, add_generation_prompt=True)[0]
+    out = model.generate(torch.tensor([prompt]), batch["pixel_values"], max_new_tokens=40, temperature=0.0,
+                         stop_ids=(tok.im_end_id,), pad_id=tok.pad_id)
+    generated = out.ids[0][out.mask[0]].tolist()
+    assert generated == tok.encode(reply) + [tok.im_end_id]

@@ -17,7 +17,6 @@ Writes out_dir/{config.json, model.safetensors, tokenizer.json, metrics.jsonl, e
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import torch
@@ -25,45 +24,31 @@ from tqdm import tqdm
 
 from nanopatho import checkpoint, dist, training
 from nanopatho.clip import PathoCLIP, clip_loss
-from nanopatho.config import field, parse_config, to_dict
-from nanopatho.data import DataError, augment, load_pairs, pad_sequences, preload_images, to_float
+from nanopatho.config import RunConfig, field, parse_config, to_dict
+from nanopatho.data import augment, load_pairs, pad_sequences, preload_images, to_float
 from nanopatho.evaluate import clip_text_ids, eval_clip
 from nanopatho.presets import clip_config, count_params
 from nanopatho.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
-class Config:
-    preset: str = field("toy", "model/training size: toy | small | base")
-    data: str = field("data/synthpath", "data directory (manifest paths are relative to it)")
+class Config(RunConfig):
     train_file: str = field("captions_train.jsonl", "image-caption pairs: JSONL, CSV/TSV or WebDataset .tar")
     tokenizer: str = field("", "tokenizer.json (default: <data>/tokenizer.json)")
     out_dir: str = field("out/clip", "output directory")
-    seed: int = field(0, "random seed")
-    device: str = field("auto", "auto | cpu | cuda | mps")
     max_steps: int = field(400, "optimizer steps")
     batch_size: int = field(128, "image-text pairs per micro-batch per rank")
     grad_accum: int = field(1, "micro-batches per optimizer step (negatives stay within a micro-batch x ranks)")
-    lr: float = field(1e-3, "peak learning rate")
     min_lr_ratio: float = field(0.1, "final learning rate as a fraction of the peak")
     warmup_steps: int = field(30, "linear warmup steps")
-    weight_decay: float = field(0.1, "AdamW weight decay on weight matrices")
-    grad_clip: float = field(1.0, "gradient-norm clip (0 = off)")
     max_logit_scale: float = field(100.0, "clamp of the learned logit scale (1 / temperature)")
     augment: bool = field(True, "flips / rotations / stain jitter on training images")
     eval_every: int = field(200, "zero-shot accuracy every N steps (0 = only at the end)")
     eval_tasks: str = field("zeroshot,retrieval,linear_probe", "final evaluation tasks")
     save_every: int = field(200, "resumable snapshot every N steps (0 = only the final model)")
-    keep_checkpoints: int = field(2, "how many snapshots to keep")
-    resume: bool = field(False, "continue from the newest snapshot in out_dir")
-    on_nonfinite: str = field("skip", "non-finite loss/grad: skip the step | stop the run")
-    skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
-    allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
     csv_img_key: str = field("filepath", "CSV column holding the image path")
     csv_caption_key: str = field("title", "CSV column holding the caption")
     csv_sep: str = field(",", "CSV separator")
-    num_threads: int = field(0, "torch CPU threads (0 = torch default)")
-    debug_nan_step: int = field(-1, "testing: make the loss NaN at this optimizer step (-1 = never)")
 
 
 PRESETS = {
@@ -102,12 +87,9 @@ def main(argv=None):
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = training.setup(cfg.seed, cfg.device)
-    try:
-        tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
-        model = PathoCLIP(clip_config(cfg.preset, tokenizer.vocab_size))
-        images, captions, bad = load_data(cfg, tokenizer, model.config.vision.image_size, model.config.text.max_len)
-    except (DataError, checkpoint.CheckpointError, FileNotFoundError) as e:
-        training.fail(str(e))
+    tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
+    model = PathoCLIP(clip_config(cfg.preset, tokenizer.vocab_size))
+    images, captions, bad = load_data(cfg, tokenizer, model.config.vision.image_size, model.config.text.max_len)
     training.print0(f"[clip] {len(captions)} images, {sum(map(len, captions))} captions; skipped bad samples: {bad}; "
                     f"params: {count_params(model)}")
     model.to(device)
@@ -165,7 +147,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except training.NonFiniteError as e:  # --on_nonfinite stop: one clear line, no traceback
-        training.fail(str(e))
+    training.run(main)

@@ -14,13 +14,12 @@ vision tower fixed throughout.
 
 import dataclasses
 import os
-import sys
 
 import torch
 
 from nanopatho import checkpoint, dist, training
 from nanopatho.config import field, parse_config, to_dict
-from nanopatho.data import DataError, load_pairs, load_records, preload_images
+from nanopatho.data import load_pairs, load_records, preload_images
 from nanopatho.next_token import Examples, TrainConfig, train
 from nanopatho.presets import count_params, vlm_config
 from nanopatho.tokenizer import Tokenizer
@@ -116,16 +115,13 @@ def main(argv=None):
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = training.setup(cfg.seed, cfg.device)
-    try:
-        tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
-        model = build_model(cfg, tokenizer)
-        size = model.config.vision.image_size
-        train_caps, bad_train = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.train_file), size)
-        textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) if cfg.textbook_file else ([], 0)
-        val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size) \
-            if cfg.val_file else (Examples([], [], torch.zeros(0, 3, size, size, dtype=torch.uint8)), 0)
-    except (DataError, checkpoint.CheckpointError, FileNotFoundError) as e:
-        training.fail(str(e))
+    tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
+    model = build_model(cfg, tokenizer)
+    size = model.config.vision.image_size
+    train_caps, bad_train = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.train_file), size)
+    textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) if cfg.textbook_file else ([], 0)
+    val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size) \
+        if cfg.val_file else (Examples([], [], torch.zeros(0, 3, size, size, dtype=torch.uint8)), 0)
     train_set = mix(train_caps, textbook, cfg.textbook_ratio)
     training.print0(f"[pretrain] {len(train_caps)} caption + {len(textbook)} textbook examples "
                     f"({len(train_set)} after mixing), {len(val_set)} val; skipped bad samples: "
@@ -140,7 +136,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except training.NonFiniteError as e:  # --on_nonfinite stop: one clear line, no traceback
-        training.fail(str(e))
+    training.run(main)

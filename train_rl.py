@@ -26,15 +26,14 @@ Its gradient, A * grad(log p), is not 0 — that is what moves the policy.
 
 import dataclasses
 import os
-import sys
 import time
 
 import torch
 from tqdm import tqdm
 
 from nanopatho import checkpoint, dist, rl, training
-from nanopatho.config import field, parse_config, to_dict
-from nanopatho.data import DataError, load_records, pad_sequences, preload_images, to_float
+from nanopatho.config import RunConfig, field, parse_config, to_dict
+from nanopatho.data import load_records, pad_sequences, preload_images, to_float
 from nanopatho.evaluate import eval_vlm
 from nanopatho.kernels import fused_policy_loss, token_logprobs
 from nanopatho.prompts import format_question
@@ -42,15 +41,12 @@ from nanopatho.rewards import accuracy_reward, format_reward
 
 
 @dataclasses.dataclass
-class Config:
-    preset: str = field("toy", "training size: toy | small | base")
+class Config(RunConfig):
     algo: str = field("grpo", "grpo | dapo (sets the defaults marked 'algo default')")
     init: str = field("out/sft", "VLM checkpoint to start from (stage 2 output); also the KL reference")
-    data: str = field("data/synthpath", "data directory")
     train_file: str = field("rl_train.jsonl", "questions with verifiable answers (relative to --data)")
     out_dir: str = field("out/rl", "output directory")
     seed: int = field(0, "random seed (prompt order, sampling)")
-    device: str = field("auto", "auto | cpu | cuda | mps")
     max_steps: int = field(60, "RL steps (one rollout batch each)")
     prompts_per_step: int = field(8, "prompts per rank per step (groups kept after filtering)")
     group_size: int = field(8, "G: completions sampled per prompt")
@@ -60,7 +56,6 @@ class Config:
     lr: float = field(5e-5, "learning rate (constant after warmup)")
     warmup_steps: int = field(0, "linear warmup steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
-    grad_clip: float = field(1.0, "gradient-norm clip (0 = off)")
     ppo_epochs: int = field(1, "mu: passes over each rollout batch")
     num_minibatches: int = field(2, "optimizer steps per pass over the rollout batch")
     eps_low: float = field(0.2, "lower clip range epsilon_low")
@@ -81,12 +76,6 @@ class Config:
     eval_limit: int = field(100, "MCQ items used by the periodic evaluation")
     eval_max_new_tokens: int = field(128, "generation budget of the periodic evaluation (greedy)")
     save_every: int = field(20, "resumable snapshot every N steps")
-    keep_checkpoints: int = field(2, "how many snapshots to keep")
-    resume: bool = field(False, "continue from the newest snapshot in out_dir")
-    on_nonfinite: str = field("skip", "non-finite loss/grad: skip the step | stop the run")
-    skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
-    allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
-    num_threads: int = field(0, "torch CPU threads (0 = torch default)")
     debug_nan_step: int = field(-1, "testing: make the loss NaN in every update of this RL step (-1 = never)")
 
 
@@ -294,12 +283,9 @@ def main(argv=None):
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = training.setup(cfg.seed, cfg.device)
-    try:
-        model, _, tokenizer = checkpoint.load(cfg.init, expect="vlm")
-        ref = checkpoint.load(cfg.init, expect="vlm")[0] if cfg.beta > 0 else None
-        items, images, bad = load_questions(cfg, model.config.vision.image_size)
-    except (DataError, checkpoint.CheckpointError, FileNotFoundError) as e:
-        training.fail(str(e))
+    model, _, tokenizer = checkpoint.load(cfg.init, expect="vlm")
+    ref = checkpoint.load(cfg.init, expect="vlm")[0] if cfg.beta > 0 else None
+    items, images, bad = load_questions(cfg, model.config.vision.image_size)
     model.to(device)
     if ref is not None:
         ref.to(device).eval().requires_grad_(False)
@@ -360,7 +346,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except training.NonFiniteError as e:  # --on_nonfinite stop: one clear line, no traceback
-        training.fail(str(e))
+    training.run(main)

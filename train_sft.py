@@ -13,7 +13,6 @@ conversation is held out for the validation loss.
 
 import dataclasses
 import os
-import sys
 
 import torch
 
@@ -70,12 +69,9 @@ def main(argv=None):
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = training.setup(cfg.seed, cfg.device)
-    try:
-        model, _, tokenizer = checkpoint.load(cfg.init, expect="vlm")
-        train_set, val_set, bad = conversation_examples(cfg, tokenizer, model.n_image_tokens,
-                                                        model.config.vision.image_size)
-    except (DataError, checkpoint.CheckpointError, FileNotFoundError) as e:
-        training.fail(str(e))
+    model, _, tokenizer = checkpoint.load(cfg.init, expect="vlm")
+    train_set, val_set, bad = conversation_examples(cfg, tokenizer, model.n_image_tokens,
+                                                    model.config.vision.image_size)
     if cfg.freeze_vision:
         model.freeze_vision()
     training.print0(f"[sft] {len(train_set)} train / {len(val_set)} val conversations from {cfg.init}; "
@@ -88,7 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except training.NonFiniteError as e:  # --on_nonfinite stop: one clear line, no traceback
-        training.fail(str(e))
+    training.run(main)

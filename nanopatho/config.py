@@ -7,7 +7,8 @@
     cfg = parse_config(Config, PRESETS, description=__doc__)
 
 Precedence: dataclass default < preset (--preset NAME) < explicit --flag.
-Booleans accept `--flag`, `--flag true|false`.
+Booleans accept `--flag`, `--flag true|false`. `RunConfig` holds the fields every training
+script shares; each script's Config extends it.
 """
 
 import argparse
@@ -70,3 +71,26 @@ def to_dict(cfg):
 
 def dumps(cfg):
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """What every training script has: where, how long, how fast, and how to fail or resume."""
+    preset: str = field("toy", "model/training size: toy | small | base")
+    data: str = field("data/synthpath", "data directory (manifest paths are relative to it)")
+    out_dir: str = field("out/run", "where checkpoints, metrics.jsonl and the final model go")
+    seed: int = field(0, "random seed (data order, augmentation, sampling, init)")
+    device: str = field("auto", "auto | cpu | cuda | mps")
+    max_steps: int = field(300, "optimizer steps")
+    lr: float = field(1e-3, "peak learning rate")
+    warmup_steps: int = field(20, "linear warmup steps")
+    weight_decay: float = field(0.1, "AdamW weight decay on weight matrices")
+    grad_clip: float = field(1.0, "gradient-norm clip (0 = off)")
+    save_every: int = field(100, "resumable snapshot every N steps (0 = only the final model)")
+    keep_checkpoints: int = field(2, "how many snapshots to keep")
+    resume: bool = field(False, "continue from the newest snapshot in out_dir")
+    on_nonfinite: str = field("skip", "non-finite loss/grad: skip the step | stop the run")
+    skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
+    allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
+    num_threads: int = field(0, "torch CPU threads (0 = torch default)")
+    debug_nan_step: int = field(-1, "testing: make the loss NaN at this optimizer step (-1 = never)")

@@ -12,14 +12,13 @@ gradient of one large batch (tests/test_next_token.py checks this).
 """
 
 import dataclasses
-import os
 import time
 
 import torch
 from tqdm import tqdm
 
 from nanopatho import checkpoint, dist, training
-from nanopatho.config import field
+from nanopatho.config import RunConfig, field
 from nanopatho.data import augment, collate_lm, to_float
 
 
@@ -34,33 +33,15 @@ class Examples:
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """Fields every next-token stage shares (the scripts add their own)."""
-    preset: str = field("toy", "model/training size: toy | small | base")
-    data: str = field("data/synthpath", "data directory (manifest paths are relative to it)")
-    out_dir: str = field("out/run", "where checkpoints, metrics.jsonl and the final model go")
-    seed: int = field(0, "random seed (data order, augmentation, init)")
-    device: str = field("auto", "auto | cpu | cuda | mps")
-    max_steps: int = field(300, "optimizer steps")
+class TrainConfig(RunConfig):
+    """Fields of the next-token stages on top of RunConfig (the scripts add their own)."""
     batch_size: int = field(16, "sequences per micro-batch per rank")
     grad_accum: int = field(1, "micro-batches per optimizer step")
-    lr: float = field(1e-3, "peak learning rate")
     min_lr_ratio: float = field(0.1, "final learning rate as a fraction of the peak (cosine)")
-    warmup_steps: int = field(20, "linear warmup steps")
-    weight_decay: float = field(0.1, "AdamW weight decay on weight matrices")
-    grad_clip: float = field(1.0, "gradient-norm clip (0 = off)")
     max_seq_len: int = field(256, "truncate sequences to this many tokens")
     augment: bool = field(True, "flips / 90-degree rotations / stain jitter on training images")
     eval_every: int = field(100, "validation loss every N steps (0 = only at the end)")
     eval_batches: int = field(4, "validation micro-batches per evaluation")
-    save_every: int = field(100, "resumable snapshot every N steps (0 = only the final model)")
-    keep_checkpoints: int = field(2, "how many snapshots to keep")
-    resume: bool = field(False, "continue from the newest snapshot in out_dir")
-    on_nonfinite: str = field("skip", "non-finite loss/grad: skip the step | stop the run")
-    skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
-    allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
-    num_threads: int = field(0, "torch CPU threads (0 = torch default)")
-    debug_nan_step: int = field(-1, "testing: make the loss NaN at this optimizer step (-1 = never)")
 
 
 def make_batch(examples, indices, pad_id, generator, train_aug, device):

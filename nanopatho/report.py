@@ -206,7 +206,7 @@ def plot_curves(out, seeds, path):
 
 def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     vlm_table, clip_table = tables_markdown(report, meta)
-    parts = [f"# nanopatho speedrun report\n",
+    parts = ["# nanopatho speedrun report\n",
              f"Preset `{preset}`, seeds {', '.join(map(str, seeds))} (mean ± population std over seeds when more than one). "
              f"Every model is evaluated on the same held-out SynthPath sets (images never seen in training), greedy decoding.\n",
              "## VLM stages\n", vlm_table, "\n## PathoCLIP\n", clip_table, "\n## Claims\n"]

@@ -27,6 +27,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nanopatho import dist
+from nanopatho.checkpoint import CheckpointError
+from nanopatho.data import DataError
 
 NO_DECAY_KEYWORDS = ("pos_embed", "position", "logit_scale", "norm", "bias")
 
@@ -192,3 +194,13 @@ def fail(message, code=2):
     """One clear line on stderr and a non-zero exit: how every script reports bad input."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def run(main):
+    """Run a script's main(argv). Bad input (file:line), an unusable checkpoint, or a run stopped
+    by --on_nonfinite stop ends with one line on stderr and exit code 2, never a traceback;
+    anything else is a bug and keeps its traceback."""
+    try:
+        main(sys.argv[1:])
+    except (DataError, CheckpointError, FileNotFoundError, NonFiniteError) as e:
+        fail(str(e))

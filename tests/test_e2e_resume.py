@@ -18,7 +18,6 @@ from e2e_util import (SCRIPTS, assert_bitwise_equal, kill, load_weights, metrics
                       tiny_world, wait_for)
 from nanopatho import checkpoint
 from nanopatho.presets import vlm_config
-from nanopatho.tokenizer import Tokenizer
 from nanopatho.training import make_optimizer
 from nanopatho.vlm import VLM
 

@@ -401,7 +401,6 @@ def _mitotic_figure(rng, H, y, x, U):
 
 def _place_mitoses(rng, region, k, U):
     """k centres inside region, at least 7 units apart, away from the border."""
-    S = region.shape[0]
     inner = region.copy()
     m = int(3 * U) + 1
     inner[:m], inner[-m:], inner[:, :m], inner[:, -m:] = False, False, False, False

@@ -341,7 +341,9 @@ def main(argv=None):
         dist.barrier()
     if dist.is_main():
         checkpoint.save_model(cfg.out_dir, model, tokenizer, to_dict(cfg))
-        training.print0(f"[rl] {cfg.algo} done in {time.time() - t0:.0f}s -> {cfg.out_dir}")
+        training.print0(f"[rl] done in {time.time() - t0:.0f}s ({cfg.algo}): last-step reward {row['reward']:.3f}, "
+                        f"train accuracy {row['accuracy']:.3f}, held-out MCQ ({cfg.eval_limit} items) "
+                        f"{row.get('mcq_acc', float('nan')):.3f}, skipped steps {skipped_steps} -> {cfg.out_dir}")
     dist.shutdown()
 
 

@@ -301,7 +301,7 @@ def main(argv=None):
                     f"{cfg.eps_high}) beta={cfg.beta} agg={cfg.agg} dynamic_sampling={cfg.dynamic_sampling} "
                     f"overlong_shaping={cfg.overlong_shaping} loss_impl={cfg.loss_impl}")
     log = training.MetricsLog(cfg.out_dir, resume_step=start if snapshot else None)
-    t0 = time.time()
+    t0, row = time.time(), {}
     bar = tqdm(range(start, cfg.max_steps), desc=f"rl-{cfg.algo}", disable=not dist.is_main(), dynamic_ncols=True)
     for step in bar:
         training.set_lr(optimizer, training.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, min_ratio=1.0))
@@ -341,8 +341,8 @@ def main(argv=None):
         dist.barrier()
     if dist.is_main():
         checkpoint.save_model(cfg.out_dir, model, tokenizer, to_dict(cfg))
-        training.print0(f"[rl] done in {time.time() - t0:.0f}s ({cfg.algo}): last-step reward {row['reward']:.3f}, "
-                        f"train accuracy {row['accuracy']:.3f}, held-out MCQ ({cfg.eval_limit} items) "
+        training.print0(f"[rl] done in {time.time() - t0:.0f}s ({cfg.algo}): last-step reward {row.get('reward', float('nan')):.3f}, "
+                        f"train accuracy {row.get('accuracy', float('nan')):.3f}, held-out MCQ ({cfg.eval_limit} items) "
                         f"{row.get('mcq_acc', float('nan')):.3f}, skipped steps {skipped_steps} -> {cfg.out_dir}")
     dist.shutdown()
 

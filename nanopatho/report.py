@@ -108,8 +108,12 @@ def claims(report):
         out.append(("PathoCLIP zero-shot accuracy far above chance (>= chance + 0.30)",
                     zs["mean"] >= zs_chance + 0.30, f"{zs['mean']:.3f} vs chance {zs_chance:.3f}"))
     pre, sft, grpo, dapo = mean("pretrain"), mean("sft"), mean("rl_grpo"), mean("rl_dapo")
+    mcq_chance = report["chance"]["vlm"].get("MCQ acc")
     if pre is not None and sft is not None:
         out.append(("SFT far above stage 1 on MCQ (>= +10 points)", sft >= pre + 0.10, f"{sft:.3f} vs {pre:.3f}"))
+    if sft is not None and mcq_chance is not None:
+        out.append(("SFT above chance on MCQ (>= chance + 10 points)", sft >= mcq_chance + 0.10,
+                     f"{sft:.3f} vs chance {mcq_chance:.3f}"))
     for name, value in (("GRPO", grpo), ("DAPO", dapo)):
         if value is not None and sft is not None:
             out.append((f"{name} above SFT on held-out MCQ (>= +5 points)", value >= sft + 0.05,
@@ -218,7 +222,7 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     parts.append("\n## Run\n")
     parts += [f"- {k}: {v}" for k, v in info.items()]
     if meta:
-        parts.append(f"- data: SynthPath generator {meta.get('generator_version', '?')}, seed {meta.get('seed', '?')}, "
+        parts.append(f"- data: SynthPath generator {meta.get('version', '?')}, seed {meta.get('seed', '?')}, "
                      f"splits {json.dumps(meta.get('split_sizes', meta.get('splits', {})))}")
     parts.append("\n" + (curve_note or "![training curves](curves.png)"))
     return "\n".join(parts) + "\n"

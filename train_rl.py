@@ -319,13 +319,16 @@ def main(argv=None):
             loss_mask = batch["mask"].float()
             if cfg.overlong_filter:
                 loss_mask = loss_mask * (~batch["truncated"]).float().to(device)[:, None]
+            t_score = time.time()
             logp_old = score(model, batch, cfg.temperature, cfg.loss_impl)
             logp_ref = score(ref, batch, cfg.temperature, cfg.loss_impl) if ref is not None else None
+            row["score_seconds"] = time.time() - t_score  # old / reference log-prob recompute
             row.update(update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device,
                               poison=step == cfg.debug_nan_step))
             row["reward_std"] = batch["reward"].std().item() if batch["reward"].numel() > 1 else 0.0
             skipped_steps += int(row.get("skipped", 0) > 0)
-        row.update(gen_seconds=t_gen, update_seconds=time.time() - t_upd, skipped_steps=skipped_steps,
+        row.update(gen_seconds=t_gen, update_seconds=time.time() - t_upd - row.get("score_seconds", 0.0),
+                   skipped_steps=skipped_steps,
                    elapsed=time.time() - t0)
         last = step == cfg.max_steps - 1
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:

@@ -143,7 +143,7 @@ def tables_markdown(report, meta):
         lines.append(f"| {label} | " + " | ".join(fmt(row[c], 0 if c == "wall time (s)" else 3) for c in cols) + " |")
     lines.append("| chance | " + " | ".join(fmt_chance(report["chance"]["vlm"].get(c)) for c in cols) + " |")
     baseline = ((meta or {}).get("baselines") or {}).get("colour_histogram") or {}
-    if baseline:
+    if baseline and any(baseline_cell(baseline, c) != "—" for c in cols):
         lines.append("| trivial baseline: " + baseline_label(baseline) + " | " +
                      " | ".join(baseline_cell(baseline, c) for c in cols) + " |")
     ccols = [c for c, _ in CLIP_COLUMNS] + ["wall time (s)"]

@@ -22,7 +22,7 @@ from nanopatho.training import make_optimizer
 from nanopatho.vlm import VLM
 
 STEPS = {"train_clip.py": 14, "train_pretrain.py": 14, "train_sft.py": 12, "train_rl.py": 6}
-TIMING_KEYS = {"elapsed", "gen_seconds", "update_seconds"}
+TIMING_KEYS = {"elapsed", "gen_seconds", "score_seconds", "update_seconds"}
 _REFERENCE = {}
 
 

@@ -95,13 +95,8 @@ def main(argv=None):
     model.to(device)
     ddp_model = training.wrap_ddp(model, device)
     optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start, skipped_steps = 0, 0
-    snapshot = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if snapshot:
-        state = checkpoint.load_train_state(snapshot, model, optimizer)
-        start, skipped_steps = state["step"], state["skipped_steps"]
-        training.print0(f"[clip] resumed from {snapshot} at step {start}")
-    log = training.MetricsLog(cfg.out_dir, resume_step=start if snapshot else None)
+    start, skipped_steps, resumed = training.resume(cfg, model, optimizer, "clip")
+    log = training.MetricsLog(cfg.out_dir, resume_step=start if resumed else None)
     t0 = time.time()
     bar = tqdm(range(start, cfg.max_steps), desc="clip", disable=not dist.is_main(), dynamic_ncols=True)
     for step in bar:
@@ -130,9 +125,8 @@ def main(argv=None):
             model.train()
         log.write(**row)
         bar.set_postfix(loss=f"{step_loss:.3f}", scale=f"{row['logit_scale']:.1f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last and dist.is_main():
-            checkpoint.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, to_dict(cfg), optimizer,
-                                       {"step": step + 1, "skipped_steps": skipped_steps}, keep=cfg.keep_checkpoints)
+        if training.snapshot_due(cfg, step):
+            training.save_snapshot(cfg, step, model, tokenizer, to_dict(cfg), optimizer, skipped_steps)
         dist.barrier()
     if dist.is_main():
         checkpoint.save_model(cfg.out_dir, model, tokenizer, to_dict(cfg))

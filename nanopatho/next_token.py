@@ -115,13 +115,8 @@ def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=Non
     text_only_rows = any(i < 0 for i in train_set.image_index)  # such a batch leaves the vision tower unused
     ddp_model = training.wrap_ddp(model, device, find_unused_parameters=text_only_rows)
     optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start_step, skipped_steps = 0, 0
-    snapshot = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    if snapshot:
-        state = checkpoint.load_train_state(snapshot, model, optimizer)
-        start_step, skipped_steps = state["step"], state["skipped_steps"]
-        training.print0(f"[{stage}] resumed from {snapshot} at step {start_step}")
-    log = training.MetricsLog(cfg.out_dir, resume_step=start_step if snapshot else None)
+    start_step, skipped_steps, resumed = training.resume(cfg, model, optimizer, stage)
+    log = training.MetricsLog(cfg.out_dir, resume_step=start_step if resumed else None)
     bar = tqdm(range(start_step, cfg.max_steps), desc=stage, disable=not dist.is_main(), dynamic_ncols=True)
     t0, val = time.time(), float("nan")
     for step in bar:
@@ -149,9 +144,8 @@ def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=Non
             row["val_loss"] = val
         log.write(**row)
         bar.set_postfix(loss=f"{loss_t:.3f}", val=f"{val:.3f}", lr=f"{lr:.1e}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last and dist.is_main():
-            checkpoint.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, run_config, optimizer,
-                                       {"step": step + 1, "skipped_steps": skipped_steps}, keep=cfg.keep_checkpoints)
+        if training.snapshot_due(cfg, step):
+            training.save_snapshot(cfg, step, model, tokenizer, run_config, optimizer, skipped_steps)
         dist.barrier()
     if dist.is_main():
         checkpoint.save_model(cfg.out_dir, model, tokenizer, run_config)

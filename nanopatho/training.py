@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanopatho import dist
+from nanopatho import checkpoint, dist
 from nanopatho.checkpoint import CheckpointError
 from nanopatho.data import DataError
 
@@ -183,6 +183,29 @@ def batch_indices(n, batch_size, step, seed, rank=0, world=1):
         perm = torch.randperm(n, generator=generator_for(seed, 7, epoch))
         out.extend(perm[offset:offset + global_bs - len(out)].tolist())
     return out[rank * batch_size:(rank + 1) * batch_size]
+
+
+def resume(cfg, model, optimizer, stage):
+    """With --resume, restore the newest complete snapshot in cfg.out_dir (weights, optimizer,
+    RNGs). Returns (first step to run, skipped steps so far, whether a snapshot was loaded)."""
+    snapshot = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if snapshot is None:
+        return 0, 0, False
+    state = checkpoint.load_train_state(snapshot, model, optimizer)
+    print0(f"[{stage}] resumed from {snapshot} at step {state['step']}")
+    return state["step"], state["skipped_steps"], True
+
+
+def snapshot_due(cfg, step):
+    """Whether a resumable snapshot is written after 0-based `step` (never after the last one:
+    the final model is saved then) — on rank 0 only."""
+    done = step + 1
+    return bool(cfg.save_every) and done % cfg.save_every == 0 and done < cfg.max_steps and dist.is_main()
+
+
+def save_snapshot(cfg, step, model, tokenizer, run_config, optimizer, skipped_steps):
+    checkpoint.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, run_config, optimizer,
+                               {"step": step + 1, "skipped_steps": skipped_steps}, keep=cfg.keep_checkpoints)
 
 
 def print0(*args, **kwargs):

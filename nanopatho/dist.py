@@ -7,6 +7,7 @@ degrade to no-ops in a single process.
 """
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,16 @@ def init(device="auto"):
 
 
 def shutdown():
+    """Leave the process group at the end of a run.
+
+    A gloo worker thread may still hold the last collective's tensors when `wait()` returns; it
+    frees them a moment later, and that needs the GIL. If the interpreter is already finalising,
+    the thread cannot take the GIL and the process aborts with "terminate called without an active
+    exception" (pytorch/pytorch#179291). A barrier, then a short sleep that releases the GIL, lets
+    those threads finish first."""
     if is_dist():
+        dist.barrier()
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 

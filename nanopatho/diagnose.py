@@ -1,0 +1,148 @@
+"""Where inside its answers does a VLM lose? Teacher-forced per-token loss of a checkpoint on
+the SFT *validation* conversations (every `--val_every`-th row, the rows train_sft.py holds
+out; never a test set), grouped by the role of the token being predicted:
+
+    option letter (reasoning)   the letter after the word "option" in "This matches option B) ..."
+    MCQ letter in <answer>      the letter right after <answer>
+    yes/no in <answer>          "yes" or "no" right after <answer>
+    other assistant tokens      everything else the model is trained on
+
+For each group: mean NLL, top-1 accuracy of the next-token prediction, and chance (uniform
+over the options: 1/n and ln n). A letter group at chance while the rest of the reply is
+near zero loss means the model writes fluent reasoning but cannot tie it to the question:
+that is the toy VLM's failure on SynthPath (see the README, "What the toy run shows").
+
+    python -m nanopatho.diagnose --ckpt out/sft --data data/synthpath
+    python -m nanopatho.diagnose --ckpt out/sft --data data/synthpath --limit 100 --out diag.json
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+
+from nanopatho import checkpoint
+from nanopatho.data import collate_lm, load_conversations, preload_images, to_float
+
+ROLES = ("option letter (reasoning)", "MCQ letter in <answer>", "yes/no in <answer>", "other assistant tokens")
+OPTION_LINE = re.compile(r"^\s*\(?[A-Z][).]\s", re.MULTILINE)  # "A) text", "(B) text", "C. text"
+
+
+def token_roles(pieces, mask, ids, answer_ids, is_mcq):
+    """Role index (into ROLES) of each predicted token ids[t], or -1 outside the loss mask.
+    pieces[t] is the decoded text of ids[t]; answer_ids = (<answer> id, </answer> id). Inside
+    <answer> only the first token is scored as the decision ("yes" may be two tokens, "y" "es")."""
+    start, end = answer_ids
+    roles = [-1] * len(ids)
+    for t in range(1, len(ids)):
+        if not mask[t]:
+            continue
+        roles[t] = 3
+        if is_mcq and pieces[t - 1].strip().lower() == "option" and re.fullmatch(r"[A-Z]", pieces[t].strip()):
+            roles[t] = 0
+        elif ids[t - 1] == start:
+            stop = ids.index(end, t) if end in ids[t:] else len(ids)
+            answer = "".join(pieces[t:stop]).strip()
+            if is_mcq and re.fullmatch(r"[A-Z]", answer):
+                roles[t] = 1
+            elif answer.lower() in ("yes", "no"):
+                roles[t] = 2
+    return roles
+
+
+def chance(role, n_options):
+    """(accuracy, NLL) of a uniform guess for a token of this role; None for free text."""
+    n = {0: n_options, 1: n_options, 2: 2}.get(role)
+    return (1.0 / n, math.log(n)) if n else None
+
+
+def summarize(nll, correct, roles, n_options):
+    """Per-role mean NLL and top-1 accuracy over flat lists of equal length (-1 roles ignored)."""
+    out = {}
+    for r, name in enumerate(ROLES):
+        sel = [i for i, role in enumerate(roles) if role == r]
+        if not sel:
+            continue
+        ref = [chance(r, n_options[i]) for i in sel]
+        out[name] = {"n": len(sel), "nll": sum(nll[i] for i in sel) / len(sel),
+                     "top1": sum(correct[i] for i in sel) / len(sel),
+                     "chance_top1": None if ref[0] is None else sum(c[0] for c in ref) / len(ref),
+                     "chance_nll": None if ref[0] is None else sum(c[1] for c in ref) / len(ref)}
+    return out
+
+
+def held_out(path, val_every, limit):
+    """The one-image conversations train_sft.py holds out for validation (row n, n % val_every == val_every-1)."""
+    convs, _ = load_conversations(path)
+    rows = [c for n, c in enumerate(convs) if n % val_every == val_every - 1 and len(c["images"]) == 1]
+    return rows[:limit] if limit else rows
+
+
+@torch.no_grad()
+def score(model, tokenizer, convs, batch_size=16):
+    """Flat per-token lists over every conversation: NLL, top-1 correct, role, options in its question."""
+    model.eval()
+    size, max_len = model.config.vision.image_size, model.config.lm.max_seq_len
+    images, _, _ = preload_images([{"image": c["images"][0], "source": c["source"]} for c in convs], size,
+                                  desc="images")
+    nll, correct, roles, n_options = [], [], [], []
+    for i in range(0, len(convs), batch_size):
+        chunk = convs[i:i + batch_size]
+        seqs = [tokenizer.render_chat(c["messages"], model.n_image_tokens) for c in chunk]
+        seqs = [(ids[:max_len], mask[:max_len]) for ids, mask in seqs]
+        batch = collate_lm(seqs, tokenizer.pad_id)  # each (B, T-1)
+        logits, _ = model(batch["input_ids"], to_float(images[i:i + batch_size]),
+                          attention_mask=batch["attention_mask"])  # (B, T-1, V)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B, T-1, V)
+        for b, (ids, mask) in enumerate(seqs):
+            n = len(ids) - 1
+            tgt = torch.tensor(ids[1:])  # (n,)
+            row_nll = -logp[b, :n].gather(-1, tgt[:, None])[:, 0]  # (n,)
+            row_hit = logp[b, :n].argmax(-1) == tgt  # (n,)
+            pieces = [tokenizer.decode([t], skip_special=False) for t in ids]
+            user = " ".join(m["content"] for m in chunk[b]["messages"] if m["role"] == "user")
+            k = len(OPTION_LINE.findall(user))
+            row_roles = token_roles(pieces, mask, ids, (tokenizer.answer_id, tokenizer.answer_end_id), k >= 2)[1:]
+            nll += row_nll.tolist()
+            correct += row_hit.tolist()
+            roles += row_roles
+            n_options += [k] * n
+    return nll, correct, roles, n_options
+
+
+def format_table(stats):
+    lines = [f"{'token role':28s} {'n':>6s} {'NLL':>7s} {'chance':>7s} {'top-1':>7s} {'chance':>7s}"]
+    for name, s in stats.items():
+        c_nll = "" if s["chance_nll"] is None else f"{s['chance_nll']:.3f}"
+        c_top = "" if s["chance_top1"] is None else f"{s['chance_top1']:.3f}"
+        lines.append(f"{name:28s} {s['n']:6d} {s['nll']:7.3f} {c_nll:>7s} {s['top1']:7.3f} {c_top:>7s}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="VLM checkpoint directory")
+    p.add_argument("--data", default="data/synthpath", help="directory holding the SFT conversations")
+    p.add_argument("--train_file", default="sft_train.jsonl", help="conversations (relative to --data)")
+    p.add_argument("--val_every", type=int, default=20, help="train_sft.py's --val_every: which rows are held out")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N held-out conversations (0 = all)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--out", default=None, help="write the numbers as JSON here")
+    args = p.parse_args(argv)
+    model, _, tokenizer = checkpoint.load(args.ckpt, expect="vlm")
+    convs = held_out(os.path.join(args.data, args.train_file), args.val_every, args.limit)
+    stats = summarize(*score(model, tokenizer, convs, args.batch_size))
+    print(f"{args.ckpt}: {len(convs)} held-out conversations of {args.train_file}")
+    print(format_table(stats))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"ckpt": args.ckpt, "conversations": len(convs), "roles": stats}, f, indent=2)
+
+
+if __name__ == "__main__":
+    from nanopatho.training import run
+    run(main)

@@ -1,0 +1,83 @@
+"""nanopatho/diagnose.py: which tokens of a reply get which role, the per-role summary, and
+that the per-token losses are the model's own training loss split up.
+
+    python -m pytest -q tests/test_diagnose.py
+"""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from e2e_util import tiny_world
+from nanopatho import checkpoint, diagnose
+from nanopatho.data import collate_lm, preload_images, to_float
+
+START, END = 100, 101  # stand-ins for the <answer> and </answer> ids
+
+
+def test_token_roles_hand_case():
+    pieces = ["<think>", " matches", " option", " B", ")", " x", "</think>", "<answer>", "B", "</answer>"]
+    ids = [7, 8, 9, 10, 11, 12, 13, START, 14, END]
+    mask = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    roles = diagnose.token_roles(pieces, mask, ids, (START, END), is_mcq=True)
+    assert roles == [-1, 3, 3, 0, 3, 3, 3, 3, 1, 3]
+    # the same reply to a question without options has no letter roles
+    assert diagnose.token_roles(pieces, mask, ids, (START, END), is_mcq=False) == [-1] + [3] * 9
+
+
+def test_yes_no_split_over_two_tokens_scores_only_the_first():
+    pieces = ["<answer>", "y", "es", "</answer>"]
+    ids = [START, 1, 2, END]
+    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=False) == [-1, 2, 3, 3]
+    # an open answer after <answer> is free text, even when it starts with a capital letter
+    pieces = ["<answer>", "H", "&E", "</answer>"]
+    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=True) == [-1, 3, 3, 3]
+
+
+def test_summarize_hand_case():
+    nll = [1.0, 3.0, 0.5, 0.1, 0.3]
+    correct = [True, False, True, True, False]
+    roles = [0, 0, 2, 3, -1]
+    n_options = [4, 5, 0, 0, 0]
+    s = diagnose.summarize(nll, correct, roles, n_options)
+    assert set(s) == {"option letter (reasoning)", "yes/no in <answer>", "other assistant tokens"}
+    opt = s["option letter (reasoning)"]
+    assert opt["n"] == 2 and opt["nll"] == pytest.approx(2.0) and opt["top1"] == pytest.approx(0.5)
+    assert opt["chance_top1"] == pytest.approx((1 / 4 + 1 / 5) / 2)
+    assert opt["chance_nll"] == pytest.approx((math.log(4) + math.log(5)) / 2)
+    assert s["yes/no in <answer>"]["chance_nll"] == pytest.approx(math.log(2))
+    assert s["other assistant tokens"]["chance_top1"] is None
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny_world(tmp_path_factory)
+
+
+def test_per_token_losses_are_the_models_own_masked_loss(world):
+    model, _, tokenizer = checkpoint.load(world["init"], expect="vlm")
+    convs = diagnose.held_out(os.path.join(world["data"], "sft_train.jsonl"), val_every=2, limit=6)
+    assert len(convs) == 6
+    nll, correct, roles, _ = diagnose.score(model, tokenizer, convs, batch_size=4)
+    ours = sum(x for x, r in zip(nll, roles) if r >= 0) / sum(r >= 0 for r in roles)
+
+    seqs = [tokenizer.render_chat(c["messages"], model.n_image_tokens) for c in convs]
+    images, _, _ = preload_images([{"image": c["images"][0]} for c in convs], model.config.vision.image_size)
+    batch = collate_lm(seqs, tokenizer.pad_id)
+    with torch.no_grad():
+        _, loss = model(batch["input_ids"], to_float(images), attention_mask=batch["attention_mask"],
+                        targets=batch["targets"], loss_mask=batch["loss_mask"])
+    assert ours == pytest.approx(loss.item(), rel=1e-5)
+    assert len(nll) == len(correct) == len(roles)
+
+
+def test_cli_writes_json(world, tmp_path, capsys):
+    out = tmp_path / "diag.json"
+    diagnose.main(["--ckpt", world["init"], "--data", world["data"], "--val_every", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["conversations"] > 0
+    assert "other assistant tokens" in report["roles"]
+    assert "token role" in capsys.readouterr().out

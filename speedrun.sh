@@ -77,6 +77,8 @@ for SEED in ${SEEDS//,/ }; do
     $PYTHON -m nanopatho.evaluate --ckpt "$O/$CK" --data "$DATA" --tasks mcq,vqa --max_new_tokens 192 > "$O/eval_$CK.log" 2>&1
     echo "[eval] $CK: $(grep -E '^mcq +accuracy' "$O/eval_$CK.log" | tr -s ' ')"
   done
+  # where the SFT model's loss sits: option letters vs the rest of the reply (SFT held-out rows)
+  $PYTHON -m nanopatho.diagnose --ckpt "$O/sft" --data "$DATA" --out "$O/sft/diagnose.json" > "$O/diagnose_sft.log" 2>&1
 done
 
 # ---------------------------------------------------------------- report

@@ -3,8 +3,8 @@
     python -m nanopatho.report --out out --data data/synthpath --seeds 0,1,2
     python -m nanopatho.report --out out --readme README.md     # also rewrite README's results section
 
-Reads out/seed<k>/<stage>/eval.json, out/seed<k>/times.jsonl, <data>/meta.json (chance levels
-and the trivial baseline) and the metrics.jsonl curves; writes out/report.json, out/report.md
+Reads out/seed<k>/<stage>/eval.json, out/seed<k>/sft/diagnose.json, out/seed<k>/times.jsonl,
+<data>/meta.json (chance levels and the trivial baseline) and the metrics.jsonl curves; writes out/report.json, out/report.md
 and, when matplotlib is installed, out/curves.png. Nothing in the tables is typed by hand.
 """
 
@@ -93,7 +93,30 @@ def collect(out, seeds):
         report["chance"]["vlm"][col] = next((chance_of(evals[s][st], path) for s in seeds for st, _ in VLM_STAGES
                                              if evals[s][st] and chance_of(evals[s][st], path) is not None), None)
     report["per_seed_mcq"] = {st: [dig(evals[s][st], ("mcq", "accuracy")) for s in seeds] for st, _ in VLM_STAGES}
+    report["sft_token_roles"] = token_roles(out, seeds)
     return report
+
+
+def token_roles(out, seeds):
+    """{role: {"nll", "top1", "chance_nll", "chance_top1"}} over seeds, from the SFT diagnose.json files."""
+    runs = [dig(read_json(os.path.join(out, f"seed{s}", "sft", "diagnose.json")), ("roles",)) for s in seeds]
+    runs = [r for r in runs if r]
+    roles = {}
+    for role in (runs[0] if runs else {}):
+        roles[role] = {k: summarise([r.get(role, {}).get(k) for r in runs]) for k in ("nll", "top1")}
+        roles[role].update({k: runs[0][role][k] for k in ("chance_nll", "chance_top1")})
+    return roles
+
+
+def roles_markdown(roles):
+    """Teacher-forced loss of the SFT model per token role (nanopatho/diagnose.py), beside chance."""
+    if not roles:
+        return ""
+    lines = ["| SFT reply token | NLL | chance NLL | top-1 | chance top-1 |", "|---|---|---|---|---|"]
+    for role, r in roles.items():
+        lines.append(f"| {role} | {fmt(r['nll'])} | {fmt_chance(r['chance_nll'])} | {fmt(r['top1'])} | "
+                     f"{fmt_chance(r['chance_top1'])} |")
+    return "\n".join(lines)
 
 
 def claims(report):
@@ -213,7 +236,12 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     parts = ["# nanopatho speedrun report\n",
              f"Preset `{preset}`, seeds {', '.join(map(str, seeds))} (mean ± population std over seeds when more than one). "
              f"Every model is evaluated on the same held-out SynthPath sets (images never seen in training), greedy decoding.\n",
-             "## VLM stages\n", vlm_table, "\n## PathoCLIP\n", clip_table, "\n## Claims\n"]
+             "## VLM stages\n", vlm_table]
+    roles = roles_markdown(report.get("sft_token_roles"))
+    if roles:
+        parts += ["\nWhere the SFT model's loss sits, on SFT held-out conversations (`python -m nanopatho.diagnose`):\n",
+                  roles]
+    parts += ["\n## PathoCLIP\n", clip_table, "\n## Claims\n"]
     for text, ok, numbers in claim_rows:
         verdict = "info" if ok is None else ("PASS" if ok else "FAIL")
         parts.append(f"- **{verdict}** — {text}: {numbers}")
@@ -260,10 +288,10 @@ def main(argv=None):
         json.dump({"report": report, "claims": [{"claim": c, "pass": ok, "numbers": n} for c, ok, n in claim_rows],
                    "machine": info, "seeds": seeds, "preset": args.preset, "meta": meta}, f, indent=2)
     if args.readme:
-        vlm_table, clip_table = tables_markdown(report, meta)
+        tables = [t for t in (*tables_markdown(report, meta), roles_markdown(report["sft_token_roles"])) if t]
         rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, commit {info['commit']}, "
-                       f"preset {args.preset}, seeds {args.seeds}, {info['cpus']} CPUs, torch {info['torch']}):\n\n"
-                       f"{vlm_table}\n\n{clip_table}\n\n" +
+                       f"preset {args.preset}, seeds {args.seeds}, {info['cpus']} CPUs, torch {info['torch']}):\n\n" +
+                       "\n\n".join(tables) + "\n\n" +
                        "\n".join(f"- {'info' if ok is None else ('PASS' if ok else 'FAIL')}: {c} — {n}"
                                  for c, ok, n in claim_rows))
     print(md)

@@ -59,6 +59,9 @@ def caption_examples(cfg, tokenizer, n_image_tokens, path, image_size):
                                 csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key, csv_sep=cfg.csv_sep)
     images, pairs, bad = preload_images(pairs, image_size, skip_bad=cfg.skip_bad_samples, desc=os.path.basename(path))
     prefix = [tokenizer.bos_id] + [tokenizer.image_id] * n_image_tokens
+    if cfg.max_seq_len < len(prefix) + 2:  # room for at least one caption token and <|eos|>
+        training.fail(f"--max_seq_len {cfg.max_seq_len} is too small: <|bos|> and the image take {len(prefix)} "
+                      f"tokens, so captions need at least {len(prefix) + 2}")
     seqs = []
     for p in pairs:
         text = tokenizer.encode(p["caption"])[: cfg.max_seq_len - len(prefix) - 1] + [tokenizer.eos_id]

@@ -196,3 +196,10 @@ def test_sft_max_seq_len_cutting_the_image_is_a_clear_error(world, tmp_path):
     proc = run_script("train_sft.py", world, tmp_path, ["--max_steps", 1, "--max_seq_len", 24])
     last = assert_clean_failure(proc)
     assert "cuts into the image tokens" in last
+
+
+def test_pretrain_max_seq_len_below_the_image_is_a_clear_error(world, tmp_path):
+    """Stage 1 puts <|bos|> and every image token before the caption: a shorter --max_seq_len is an error."""
+    proc = run_script("train_pretrain.py", world, tmp_path, ["--max_steps", 1, "--max_seq_len", 12])
+    last = assert_clean_failure(proc, re.compile(r"^error: .+"))
+    assert "--max_seq_len 12 is too small" in last

@@ -17,6 +17,7 @@ Writes out_dir/{config.json, model.safetensors, tokenizer.json, metrics.jsonl, e
 import dataclasses
 import json
 import os
+import re
 import time
 
 import torch
@@ -48,6 +49,7 @@ class Config(RunConfig):
     save_every: int = field(200, "resumable snapshot every N steps (0 = only the final model)")
     csv_img_key: str = field("filepath", "CSV column holding the image path")
     csv_caption_key: str = field("title", "CSV column holding the caption")
+    first_sentences: bool = field(True, "also train on each caption's first sentence alone (zero-shot prompts are short)")
     csv_sep: str = field(",", "CSV separator")
 
 
@@ -56,6 +58,12 @@ PRESETS = {
     "small": dict(max_steps=10000, batch_size=256, lr=5e-4, warmup_steps=500),
     "base": dict(max_steps=30000, batch_size=512, lr=5e-4, warmup_steps=2000),
 }
+
+
+def first_sentence(text):
+    """The caption up to its first sentence end: "H&E of fat. Thin membranes." -> "H&E of fat."."""
+    m = re.match(r"\s*(.+?[.!?])(\s|$)", text)
+    return m.group(1) if m else text.strip()
 
 
 def load_data(cfg, tokenizer, image_size, text_len):
@@ -67,7 +75,10 @@ def load_data(cfg, tokenizer, image_size, text_len):
     for p in pairs:
         key = p["image"] if isinstance(p["image"], str) else p["source"]
         by_image.setdefault(key, {"image": p["image"], "source": p["source"], "captions": []})
-        by_image[key]["captions"].append(clip_text_ids(tokenizer, p["caption"], text_len))
+        texts = [p["caption"]]
+        if cfg.first_sentences and first_sentence(p["caption"]) != p["caption"]:
+            texts.append(first_sentence(p["caption"]))
+        by_image[key]["captions"] += [clip_text_ids(tokenizer, t, text_len) for t in texts]
     images, kept, bad = preload_images(list(by_image.values()), image_size, skip_bad=cfg.skip_bad_samples,
                                        desc="clip images")
     return images, [item["captions"] for item in kept], skipped + bad

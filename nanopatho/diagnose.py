@@ -76,9 +76,10 @@ def summarize(nll, correct, roles, n_options):
 
 
 def held_out(path, val_every, limit):
-    """The one-image conversations train_sft.py holds out for validation (row n, n % val_every == val_every-1)."""
+    """The conversations train_sft.py holds out for validation (row n, n % val_every == val_every-1),
+    with one image or none."""
     convs, _ = load_conversations(path)
-    rows = [c for n, c in enumerate(convs) if n % val_every == val_every - 1 and len(c["images"]) == 1]
+    rows = [c for n, c in enumerate(convs) if n % val_every == val_every - 1 and len(c["images"]) <= 1]
     return rows[:limit] if limit else rows
 
 
@@ -87,16 +88,19 @@ def score(model, tokenizer, convs, batch_size=16):
     """Flat per-token lists over every conversation: NLL, top-1 correct, role, options in its question."""
     model.eval()
     size, max_len = model.config.vision.image_size, model.config.lm.max_seq_len
-    images, _, _ = preload_images([{"image": c["images"][0], "source": c["source"]} for c in convs], size,
-                                  desc="images")
+    with_image = [n for n, c in enumerate(convs) if c["images"]]
+    images, _, _ = preload_images([{"image": convs[n]["images"][0], "source": convs[n]["source"]} for n in with_image],
+                                  size, desc="images")
+    slot = {n: k for k, n in enumerate(with_image)}  # conversation -> row of images
     nll, correct, roles, n_options = [], [], [], []
     for i in range(0, len(convs), batch_size):
         chunk = convs[i:i + batch_size]
         seqs = [tokenizer.render_chat(c["messages"], model.n_image_tokens) for c in chunk]
         seqs = [(ids[:max_len], mask[:max_len]) for ids, mask in seqs]
         batch = collate_lm(seqs, tokenizer.pad_id)  # each (B, T-1)
-        logits, _ = model(batch["input_ids"], to_float(images[i:i + batch_size]),
-                          attention_mask=batch["attention_mask"])  # (B, T-1, V)
+        rows = [slot[n] for n in range(i, i + len(chunk)) if n in slot]
+        pixels = to_float(images[rows]) if rows else None  # (N_img, 3, S, S), in batch order
+        logits, _ = model(batch["input_ids"], pixels, attention_mask=batch["attention_mask"])  # (B, T-1, V)
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, T-1, V)
         for b, (ids, mask) in enumerate(seqs):
             n = len(ids) - 1

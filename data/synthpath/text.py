@@ -280,7 +280,8 @@ def ask(rng, qtype, kind, cls, attrs, target="yes", pos=0):
 
 def chain(rng, q, cls, attrs, length):
     """<think> text for question q: short = the decisive fact, medium = tissue + decisive fact,
-    long = tissue + every visible attribute + the decisive fact (grade rule for grade questions)."""
+    long = tissue + every visible attribute + the decisive fact (grade rule for grade questions);
+    then a closing sentence that states the answer ("This matches option B) mucus." for MCQ)."""
     obs = observations(rng, cls, attrs)
     key = obs[q["type"]]
     if length == "short" or (q["type"] == "tissue" and length == "medium"):
@@ -296,6 +297,8 @@ def chain(rng, q, cls, attrs, length):
     if q["kind"] == "mcq":
         chosen = next(o for o in q["options"] if o.startswith(q["answer"] + ")"))
         steps.append(f"This matches option {chosen}.")
+    else:  # close on the answer itself, so <answer> copies the sentence before it, not a distant question
+        steps.append(f"So the answer is {q['answer']}.")
     return " ".join(steps)
 
 

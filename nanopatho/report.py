@@ -143,6 +143,15 @@ def claims(report):
                         f"{value:.3f} vs {sft:.3f} ({100 * (value - sft):+.1f} points)"))
     if grpo is not None and dapo is not None:
         out.append(("DAPO vs GRPO (information, not a pass/fail target)", None, f"{dapo:.3f} vs {grpo:.3f}"))
+    f1 = {stage: mean(stage, "open-VQA F1") for stage in ("sft", "rl_grpo", "rl_dapo")}
+    f1_majority = report["chance"]["vlm"].get("open-VQA F1")
+    if f1["sft"] is not None and f1_majority is not None:
+        out.append(("SFT above the majority answer on open VQA (>= +10 points F1)", f1["sft"] >= f1_majority + 0.10,
+                    f"{f1['sft']:.3f} vs majority {f1_majority:.3f}"))
+    for name, stage in (("GRPO", "rl_grpo"), ("DAPO", "rl_dapo")):
+        if f1[stage] is not None and f1["sft"] is not None:
+            out.append((f"{name} keeps SFT's open-VQA F1 (drop <= 5 points)", f1[stage] >= f1["sft"] - 0.05,
+                        f"{f1[stage]:.3f} vs {f1['sft']:.3f} ({100 * (f1[stage] - f1['sft']):+.1f} points)"))
     return out
 
 

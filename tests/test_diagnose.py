@@ -74,6 +74,27 @@ def test_per_token_losses_are_the_models_own_masked_loss(world):
     assert len(nll) == len(correct) == len(roles)
 
 
+
+def test_text_only_rows_score_as_if_alone(world, tmp_path):
+    """A conversation without an image is held out and scored like the others; batched between
+    image rows it gets the same per-token losses as scored on its own (images go to their rows)."""
+    with_image = diagnose.held_out(os.path.join(world["data"], "sft_train.jsonl"), val_every=2, limit=2)
+    text_only = dict(with_image[0], images=[], source="text-only")
+    text_only["messages"] = [dict(m, content=m["content"].replace("<image>\n", "")) for m in text_only["messages"]]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"messages": text_only["messages"], "images": []},  # row 0: not held out at val_every=2
+        {"messages": text_only["messages"], "images": []}]))  # row 1: held out
+    assert [c["images"] for c in diagnose.held_out(str(path), val_every=2, limit=0)] == [[]]
+
+    model, _, tokenizer = checkpoint.load(world["init"], expect="vlm")
+    mixed = [with_image[0], text_only, with_image[1]]
+    together = diagnose.score(model, tokenizer, mixed, batch_size=3)[0]
+    alone = [diagnose.score(model, tokenizer, [c], batch_size=1)[0] for c in mixed]
+    assert together == pytest.approx(alone[0] + alone[1] + alone[2], abs=1e-4)
+    ids, _ = tokenizer.render_chat(text_only["messages"], model.n_image_tokens)
+    assert tokenizer.image_id not in ids and len(alone[1]) == len(ids) - 1
+
 def test_cli_writes_json(world, tmp_path, capsys):
     out = tmp_path / "diag.json"
     diagnose.main(["--ckpt", world["init"], "--data", world["data"], "--val_every", "2", "--out", str(out)])

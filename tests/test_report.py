@@ -20,11 +20,14 @@ def write(path, obj):
         json.dump(obj, f)
 
 
-def fake_run(out, seed, mcq_sft, mcq_grpo, letter_top1):
+def fake_run(out, seed, mcq_sft, mcq_grpo, letter_top1, f1_sft=0.3, f1_grpo=0.3):
     base = os.path.join(out, f"seed{seed}")
-    mcq = lambda acc: {"results": {"mcq": {"accuracy": acc, "chance": {"accuracy": 0.25}}}}  # noqa: E731
-    write(os.path.join(base, "sft", "eval.json"), mcq(mcq_sft))
-    write(os.path.join(base, "rl_grpo", "eval.json"), mcq(mcq_grpo))
+
+    def results(acc, f1):
+        return {"results": {"mcq": {"accuracy": acc, "chance": {"accuracy": 0.25}},
+                            "vqa_open": {"f1": f1, "chance": {"f1": 0.08}}}}
+    write(os.path.join(base, "sft", "eval.json"), results(mcq_sft, f1_sft))
+    write(os.path.join(base, "rl_grpo", "eval.json"), results(mcq_grpo, f1_grpo))
     write(os.path.join(base, "clip", "eval.json"),
           {"results": {"zeroshot": {"accuracy": 0.5 + 0.1 * seed, "chance": {"accuracy": 1 / 9}}}})
     write(os.path.join(base, "sft", "diagnose.json"),
@@ -35,8 +38,8 @@ def fake_run(out, seed, mcq_sft, mcq_grpo, letter_top1):
 
 def test_report_from_constructed_runs(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    fake_run(out, 0, mcq_sft=0.30, mcq_grpo=0.40, letter_top1=0.2)
-    fake_run(out, 1, mcq_sft=0.50, mcq_grpo=0.50, letter_top1=0.4)
+    fake_run(out, 0, mcq_sft=0.30, mcq_grpo=0.40, letter_top1=0.2, f1_sft=0.30, f1_grpo=0.10)
+    fake_run(out, 1, mcq_sft=0.50, mcq_grpo=0.50, letter_top1=0.4, f1_sft=0.20, f1_grpo=0.20)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold numbers\n{report.END}\noutro\n")
     monkeypatch.setattr(report, "plot_curves", lambda *a: "(no curves in this test)")
@@ -54,6 +57,9 @@ def test_report_from_constructed_runs(tmp_path, monkeypatch):
     claims = {c["claim"]: c["pass"] for c in json.loads((tmp_path / "out" / "report.json").read_text())["claims"]}
     assert claims["GRPO above SFT on held-out MCQ (>= +5 points)"] is True  # 0.45 vs 0.40
     assert claims["SFT above chance on MCQ (>= chance + 10 points)"] is True  # 0.40 vs 0.25
+    assert claims["SFT above the majority answer on open VQA (>= +10 points F1)"] is True  # 0.25 vs 0.08
+    assert claims["GRPO keeps SFT's open-VQA F1 (drop <= 5 points)"] is False  # 0.15 vs 0.25
+    assert "DAPO keeps SFT's open-VQA F1 (drop <= 5 points)" not in claims  # no DAPO run
 
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old numbers" not in text

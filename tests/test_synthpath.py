@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from data.synthpath import world
-from data.synthpath.prepare import centroid_accuracy, colour_histogram, prepare
+from data.synthpath.prepare import DESCRIBE, centroid_accuracy, colour_histogram, prepare
 from nanopatho.prompts import SYSTEM_PROMPT
 
 TINY = dict(seed=3, image_size=64, n_train=60, n_val=9, n_test=18, n_test_qa=20, vocab_size=400, progress=False)
@@ -132,6 +132,27 @@ def test_manifests_well_formed(worlds):
         _check_answer(dict(r, kind="yesno" if r["answer_type"] == "CLOSED" else "short", options=None), short)
     assert meta["files"]["rl_train.jsonl"] > meta["files"]["sft_train.jsonl"]
 
+
+
+def test_every_chain_closes_on_its_answer(worlds):
+    """The last sentence of each <think> names the answer, right before <answer>: MCQ chains end
+    on "This matches option B) <text of option B>.", yes/no and short-answer chains on
+    "So the answer is <answer>."; descriptions have no such sentence."""
+    counts = {"mcq": 0, "closed": 0, "description": 0}
+    for r in read_jsonl(os.path.join(worlds[0], "sft_train.jsonl")):
+        user, reply = r["messages"][1]["content"], r["messages"][2]["content"]
+        think, answer = re.fullmatch(r"<think>(.*)</think><answer>(.*)</answer>", reply).groups()
+        if "\nOptions:\n" in user:
+            option = next(line for line in user.split("\n") if line.startswith(answer + ") "))
+            assert think.endswith(f" This matches option {option}.") or think == f"This matches option {option}."
+            counts["mcq"] += 1
+        elif any(user.endswith(d) for d in DESCRIBE):
+            assert "So the answer is" not in think and "matches option" not in think
+            counts["description"] += 1
+        else:
+            assert think.endswith(f"So the answer is {answer}.")
+            counts["closed"] += 1
+    assert min(counts.values()) > 0, counts
 
 def _check_answer(r, short):
     if r["kind"] == "mcq":

@@ -4,7 +4,8 @@ out; never a test set), grouped by the role of the token being predicted:
 
     option letter (reasoning)   the letter after the word "option" in "This matches option B) ..."
     MCQ letter in <answer>      the letter right after <answer>
-    yes/no in <answer>          "yes" or "no" right after <answer>
+    yes/no decision (reasoning) "yes" or "no" in the chain's closing "So the answer is yes."
+    yes/no in <answer>          "yes" or "no" right after <answer> (a copy once the chain has decided)
     other assistant tokens      everything else the model is trained on
 
 For each group: mean NLL, top-1 accuracy of the next-token prediction, and chance (uniform
@@ -28,7 +29,9 @@ import torch.nn.functional as F
 from nanopatho import checkpoint
 from nanopatho.data import collate_lm, load_conversations, preload_images, to_float
 
-ROLES = ("option letter (reasoning)", "MCQ letter in <answer>", "yes/no in <answer>", "other assistant tokens")
+ROLES = ("option letter (reasoning)", "MCQ letter in <answer>", "yes/no decision (reasoning)", "yes/no in <answer>",
+         "other assistant tokens")
+OTHER = len(ROLES) - 1
 OPTION_LINE = re.compile(r"^\s*\(?[A-Z][).]\s", re.MULTILINE)  # "A) text", "(B) text", "C. text"
 
 
@@ -41,7 +44,7 @@ def token_roles(pieces, mask, ids, answer_ids, is_mcq):
     for t in range(1, len(ids)):
         if not mask[t]:
             continue
-        roles[t] = 3
+        roles[t] = OTHER
         if is_mcq and pieces[t - 1].strip().lower() == "option" and re.fullmatch(r"[A-Z]", pieces[t].strip()):
             roles[t] = 0
         elif ids[t - 1] == start:
@@ -50,13 +53,16 @@ def token_roles(pieces, mask, ids, answer_ids, is_mcq):
             if is_mcq and re.fullmatch(r"[A-Z]", answer):
                 roles[t] = 1
             elif answer.lower() in ("yes", "no"):
-                roles[t] = 2
+                roles[t] = 3
+        elif "".join(pieces[max(0, t - 4):t]).lower().endswith("the answer is") and \
+                re.match(r"(yes|no)\b", "".join(pieces[t:t + 3]).strip().lower()):
+            roles[t] = 2
     return roles
 
 
 def chance(role, n_options):
     """(accuracy, NLL) of a uniform guess for a token of this role; None for free text."""
-    n = {0: n_options, 1: n_options, 2: 2}.get(role)
+    n = {0: n_options, 1: n_options, 2: 2, 3: 2}.get(role)
     return (1.0 / n, math.log(n)) if n else None
 
 

@@ -23,24 +23,34 @@ def test_token_roles_hand_case():
     ids = [7, 8, 9, 10, 11, 12, 13, START, 14, END]
     mask = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     roles = diagnose.token_roles(pieces, mask, ids, (START, END), is_mcq=True)
-    assert roles == [-1, 3, 3, 0, 3, 3, 3, 3, 1, 3]
+    assert roles == [-1, 4, 4, 0, 4, 4, 4, 4, 1, 4]
     # the same reply to a question without options has no letter roles
-    assert diagnose.token_roles(pieces, mask, ids, (START, END), is_mcq=False) == [-1] + [3] * 9
+    assert diagnose.token_roles(pieces, mask, ids, (START, END), is_mcq=False) == [-1] + [4] * 9
+
+
+def test_yes_no_decision_in_the_closing_sentence():
+    pieces = ["<think>", " So", " the", " answer", " is", " no", ".", "</think>", "<answer>", "no", "</answer>"]
+    ids = [7, 8, 9, 10, 11, 12, 13, 14, START, 15, END]
+    roles = diagnose.token_roles(pieces, [0] + [1] * 10, ids, (START, END), is_mcq=False)
+    assert roles == [-1, 4, 4, 4, 4, 2, 4, 4, 4, 3, 4]
+    # an open answer in the same sentence is free text ("no" must be the whole word: "normal" is not)
+    pieces[5], pieces[9] = " normal", "normal"
+    assert diagnose.token_roles(pieces, [0] + [1] * 10, ids, (START, END), is_mcq=False) == [-1] + [4] * 10
 
 
 def test_yes_no_split_over_two_tokens_scores_only_the_first():
     pieces = ["<answer>", "y", "es", "</answer>"]
     ids = [START, 1, 2, END]
-    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=False) == [-1, 2, 3, 3]
+    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=False) == [-1, 3, 4, 4]
     # an open answer after <answer> is free text, even when it starts with a capital letter
     pieces = ["<answer>", "H", "&E", "</answer>"]
-    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=True) == [-1, 3, 3, 3]
+    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=True) == [-1, 4, 4, 4]
 
 
 def test_summarize_hand_case():
     nll = [1.0, 3.0, 0.5, 0.1, 0.3]
     correct = [True, False, True, True, False]
-    roles = [0, 0, 2, 3, -1]
+    roles = [0, 0, 3, 4, -1]
     n_options = [4, 5, 0, 0, 0]
     s = diagnose.summarize(nll, correct, roles, n_options)
     assert set(s) == {"option letter (reasoning)", "yes/no in <answer>", "other assistant tokens"}

@@ -3,7 +3,8 @@
 The model learns to continue each caption given its image (loss on caption tokens only:
 `<|bos|><image x n> caption <|eos|>`), mixed with text-only "textbook" paragraphs that
 state the world's rules (`--textbook_ratio` of the examples). `--vision_init out/clip`
-starts the vision tower from PathoCLIP; `--align_steps N` first trains only the
+starts the vision tower from PathoCLIP; `--lm_init out/base_lm` starts the language model from
+a base LM that can already read (stage 0, `python -m nanopatho.base_lm`); `--align_steps N` first trains only the
 projector (vision-language alignment), then everything; `--freeze_vision` keeps the
 vision tower fixed throughout.
 
@@ -35,6 +36,7 @@ class Config(TrainConfig):
     textbook_ratio: float = field(0.2, "fraction of training examples that are textbook paragraphs")
     tokenizer: str = field("", "tokenizer.json (default: <data>/tokenizer.json)")
     vision_init: str = field("", "PathoCLIP checkpoint directory whose image tower seeds the VLM")
+    lm_init: str = field("", "LM checkpoint directory (stage 0's base LM) that the VLM's language model continues")
     freeze_vision: bool = field(False, "never update the vision tower")
     align_steps: int = field(0, "train only the projector for the first N steps")
     csv_img_key: str = field("filepath", "CSV column holding the image path")
@@ -95,7 +97,16 @@ def build_model(cfg, tokenizer):
     if cfg.vision_init:
         clip, _, _ = checkpoint.load(cfg.vision_init, expect="clip")
         mcfg.vision = clip.config.vision  # the VLM sees images exactly as PathoCLIP was trained
+    lm = None
+    if cfg.lm_init:
+        lm, _, lm_tokenizer = checkpoint.load(cfg.lm_init, expect="lm")
+        if lm_tokenizer.vocab_size != tokenizer.vocab_size or lm.config.vocab_size != tokenizer.vocab_size:
+            training.fail(f"--lm_init {cfg.lm_init}: its vocabulary ({lm.config.vocab_size} ids) is not the "
+                          f"tokenizer's ({tokenizer.vocab_size}); train the base LM with the same tokenizer.json")
+        mcfg.lm = lm.config  # the VLM continues the base LM with its exact shape
     model = VLM(mcfg)
+    if lm is not None:
+        model.lm.load_state_dict(lm.state_dict(), strict=True)
     if clip is not None:
         model.load_vision_from_clip(clip.state_dict())
     if cfg.freeze_vision:

@@ -15,6 +15,10 @@ that is the toy VLM's failure on SynthPath (see the README, "What the toy run sh
 
     python -m nanopatho.diagnose --ckpt out/sft --data data/synthpath
     python -m nanopatho.diagnose --ckpt out/sft --data data/synthpath --limit 100 --out diag.json
+    python -m nanopatho.diagnose --ckpt out/base_lm --probe reading_probe.jsonl     # stage 0: the probe only
+
+`--probe` also scores the reading probe (data/synthpath/reading.py): held-out option look-ups and
+same-or-different judgements on names never trained on, text only, for the base LM, stage 1 and SFT.
 """
 
 import argparse
@@ -93,20 +97,24 @@ def held_out(path, val_every, limit):
 def score(model, tokenizer, convs, batch_size=16):
     """Flat per-token lists over every conversation: NLL, top-1 correct, role, options in its question."""
     model.eval()
-    size, max_len = model.config.vision.image_size, model.config.lm.max_seq_len
+    is_vlm = hasattr(model, "vision")  # else a text-only LM (stage 0's base LM)
+    max_len = (model.config.lm if is_vlm else model.config).max_seq_len
+    n_image_tokens = model.n_image_tokens if is_vlm else 0
     with_image = [n for n, c in enumerate(convs) if c["images"]]
-    images, _, _ = preload_images([{"image": convs[n]["images"][0], "source": convs[n]["source"]} for n in with_image],
-                                  size, desc="images")
+    assert is_vlm or not with_image, "a text-only LM cannot score conversations with images"
+    images = preload_images([{"image": convs[n]["images"][0], "source": convs[n]["source"]} for n in with_image],
+                            model.config.vision.image_size, desc="images")[0] if with_image else None
     slot = {n: k for k, n in enumerate(with_image)}  # conversation -> row of images
     nll, correct, roles, n_options = [], [], [], []
     for i in range(0, len(convs), batch_size):
         chunk = convs[i:i + batch_size]
-        seqs = [tokenizer.render_chat(c["messages"], model.n_image_tokens) for c in chunk]
+        seqs = [tokenizer.render_chat(c["messages"], n_image_tokens) for c in chunk]
         seqs = [(ids[:max_len], mask[:max_len]) for ids, mask in seqs]
         batch = collate_lm(seqs, tokenizer.pad_id)  # each (B, T-1)
         rows = [slot[n] for n in range(i, i + len(chunk)) if n in slot]
         pixels = to_float(images[rows]) if rows else None  # (N_img, 3, S, S), in batch order
-        logits, _ = model(batch["input_ids"], pixels, attention_mask=batch["attention_mask"])  # (B, T-1, V)
+        extra = {} if pixels is None else {"pixel_values": pixels}
+        logits, _ = model(batch["input_ids"], attention_mask=batch["attention_mask"], **extra)  # (B, T-1, V)
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, T-1, V)
         for b, (ids, mask) in enumerate(seqs):
             n = len(ids) - 1
@@ -124,6 +132,21 @@ def score(model, tokenizer, convs, batch_size=16):
     return nll, correct, roles, n_options
 
 
+def load_probe(path):
+    """The reading probe (data/synthpath/reading.py:probe_rows): text-only conversations."""
+    convs, _ = load_conversations(path)
+    return convs
+
+
+def probe_stats(model, tokenizer, convs):
+    """{"option": letter stats, "same": yes/no stats} of the reading probe, each {"n", "nll", "top1", ...}."""
+    was_training = model.training
+    stats = summarize(*score(model, tokenizer, convs))
+    model.train(was_training)
+    names = {"option": ROLES[0], "same": ROLES[2]}
+    return {short: stats[role] for short, role in names.items() if role in stats}
+
+
 def format_table(stats):
     lines = [f"{'token role':28s} {'n':>6s} {'NLL':>7s} {'chance':>7s} {'top-1':>7s} {'chance':>7s}"]
     for name, s in stats.items():
@@ -135,22 +158,34 @@ def format_table(stats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="VLM checkpoint directory")
+    p.add_argument("--ckpt", required=True, help="VLM checkpoint directory, or an LM one (stage 0) with --probe")
     p.add_argument("--data", default="data/synthpath", help="directory holding the SFT conversations")
     p.add_argument("--train_file", default="sft_train.jsonl", help="conversations (relative to --data)")
     p.add_argument("--val_every", type=int, default=20, help="train_sft.py's --val_every: which rows are held out")
     p.add_argument("--limit", type=int, default=0, help="use only the first N held-out conversations (0 = all)")
+    p.add_argument("--probe", default="", help="also score this reading probe (relative to --data), "
+                                               "e.g. reading_probe.jsonl; the only table for an LM checkpoint")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = p.parse_args(argv)
-    model, _, tokenizer = checkpoint.load(args.ckpt, expect="vlm")
-    convs = held_out(os.path.join(args.data, args.train_file), args.val_every, args.limit)
-    stats = summarize(*score(model, tokenizer, convs, args.batch_size))
-    print(f"{args.ckpt}: {len(convs)} held-out conversations of {args.train_file}")
-    print(format_table(stats))
+    model, config, tokenizer = checkpoint.load(args.ckpt)
+    if config["model_type"] not in ("vlm", "lm") or (config["model_type"] == "lm" and not args.probe):
+        raise checkpoint.CheckpointError(f"{args.ckpt}: holds a {config['model_type']!r} model; diagnose needs a "
+                                         f"VLM, or an LM with --probe")
+    result = {"ckpt": args.ckpt}
+    if config["model_type"] == "vlm":
+        convs = held_out(os.path.join(args.data, args.train_file), args.val_every, args.limit)
+        result.update(conversations=len(convs), roles=summarize(*score(model, tokenizer, convs, args.batch_size)))
+        print(f"{args.ckpt}: {len(convs)} held-out conversations of {args.train_file}")
+        print(format_table(result["roles"]))
+    if args.probe:
+        probe = load_probe(os.path.join(args.data, args.probe))
+        result["probe"] = probe_stats(model, tokenizer, probe)
+        print(f"reading probe ({args.probe}, {len(probe)} items, names never trained on):")
+        print(format_table({f"probe {k}": v for k, v in result["probe"].items()}))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"ckpt": args.ckpt, "conversations": len(convs), "roles": stats}, f, indent=2)
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,11 @@ def make_batch(examples, indices, pad_id, generator, train_aug, device):
 
 
 def batch_loss_sum(model, batch):
-    """Summed next-token loss over the batch's target tokens, and their count."""
-    _, loss_sum = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-                        targets=batch["targets"], loss_mask=batch["loss_mask"], reduction="sum")
+    """Summed next-token loss over the batch's target tokens, and their count. The model is a VLM,
+    or a text-only LM (stage 0's base LM), which takes no pixel_values."""
+    images = {} if batch["pixel_values"] is None else {"pixel_values": batch["pixel_values"]}
+    _, loss_sum = model(batch["input_ids"], attention_mask=batch["attention_mask"], targets=batch["targets"],
+                        loss_mask=batch["loss_mask"], reduction="sum", **images)
     n_tokens = (batch["loss_mask"] * (batch["targets"] >= 0)).sum()
     return loss_sum, n_tokens
 
@@ -108,9 +110,20 @@ def validation_loss(model, examples, cfg, pad_id, device):
     return (total / count.clamp(min=1)).item()
 
 
-def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=None, stage="train"):
+def uniform_sampler(cfg, n_rows):
+    """The default batch order: a fresh shuffle of all rows each epoch, split across ranks."""
+    def sample(step, micro):
+        return training.batch_indices(n_rows, cfg.batch_size, step * cfg.grad_accum + micro,
+                                      cfg.seed, dist.rank(), dist.world_size())
+    return sample
+
+
+def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=None, stage="train", sampler=None,
+          on_eval=None):
     """Run the optimizer loop; returns a summary dict. `grad_filter(step, model)` may drop
-    gradients before the update (stage 1's projector-only alignment phase)."""
+    gradients before the update (stage 1's projector-only alignment phase). `sampler(step, micro)`
+    returns the row indices of a micro-batch (stage 0's curriculum; default: uniform_sampler).
+    `on_eval(model)` -> {name: value} adds numbers to each evaluation's metrics row."""
     device = next(model.parameters()).device
     text_only_rows = any(i < 0 for i in train_set.image_index)  # such a batch leaves the vision tower unused
     ddp_model = training.wrap_ddp(model, device, find_unused_parameters=text_only_rows)
@@ -119,13 +132,13 @@ def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=Non
     log = training.MetricsLog(cfg.out_dir, resume_step=start_step if resumed else None)
     bar = tqdm(range(start_step, cfg.max_steps), desc=stage, disable=not dist.is_main(), dynamic_ncols=True)
     t0, val = time.time(), float("nan")
+    sampler = sampler or uniform_sampler(cfg, len(train_set))
     for step in bar:
         lr = training.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         training.set_lr(optimizer, lr)
         batches = []
         for micro in range(cfg.grad_accum):
-            idx = training.batch_indices(len(train_set), cfg.batch_size, step * cfg.grad_accum + micro,
-                                         cfg.seed, dist.rank(), dist.world_size())
+            idx = sampler(step, micro)
             gen = training.generator_for(cfg.seed, step, micro, dist.rank())
             batches.append(make_batch(train_set, idx, tokenizer.pad_id, gen, cfg.augment, device))
         step_loss, n_global = accumulate_gradients(ddp_model, batches, device, poison=step == cfg.debug_nan_step)
@@ -142,6 +155,7 @@ def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=Non
                    skipped_steps=skipped_steps, elapsed=time.time() - t0)
         if evaluated:
             row["val_loss"] = val
+            row.update(on_eval(model) if on_eval is not None else {})
         log.write(**row)
         bar.set_postfix(loss=f"{loss_t:.3f}", val=f"{val:.3f}", lr=f"{lr:.1e}")
         if training.snapshot_due(cfg, step):

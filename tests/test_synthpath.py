@@ -16,9 +16,11 @@ from data.synthpath import world
 from data.synthpath.prepare import DESCRIBE, centroid_accuracy, colour_histogram, prepare
 from nanopatho.prompts import SYSTEM_PROMPT
 
-TINY = dict(seed=3, image_size=64, n_train=60, n_val=9, n_test=18, n_test_qa=20, vocab_size=400, progress=False)
+TINY = dict(seed=3, image_size=64, n_train=60, n_val=9, n_test=18, n_test_qa=20, vocab_size=400, progress=False,
+            reading_per_level=30, reading_probe=10)
 MANIFESTS = ["captions_train.jsonl", "captions_val.jsonl", "textbook.jsonl", "zeroshot_test.jsonl", "retrieval_test.jsonl",
-             "sft_train.jsonl", "rl_train.jsonl", "mcq_test.jsonl", "vqa_test.jsonl"]
+             "sft_train.jsonl", "rl_train.jsonl", "mcq_test.jsonl", "vqa_test.jsonl",
+             "reading_train.jsonl", "reading_probe.jsonl"]
 
 
 def _has_tokenizer():
@@ -206,7 +208,7 @@ def test_centroid_accuracy_hand_case():
 def test_colour_baseline_at_most_half(tmp_path):
     """The trivial colour baseline must stay <= 50 % on the 9-class test (moderate world)."""
     meta = prepare(str(tmp_path), seed=0, n_train=300, n_val=0, n_test=135, n_test_qa=4, workers=1,
-                   train_tokenizer=False, progress=False)
+                   train_tokenizer=False, progress=False, reading_per_level=10, reading_probe=4)
     acc = meta["baselines"]["colour_histogram"]["zeroshot_test_accuracy"]
     assert 1 / 9 < acc <= 0.5, acc
 

@@ -14,6 +14,8 @@ Writes under --out (image paths in every manifest are relative to --out):
     rl_train.jsonl                        {"image", "question", "options", "answer", "kind", "type"} answer-only, verifiable
     mcq_test.jsonl                        {"image", "question", "options": ["A) .."], "answer": letter, "type"}
     vqa_test.jsonl                        {"image", "question", "answer", "answer_type": CLOSED|OPEN, "type"}
+    reading_train.jsonl                   {"messages", "skill", "level"}: stage 0's text-only reading curriculum
+    reading_probe.jsonl                   {"messages", "skill", "level"}: held-out reading items, unseen names
     meta.json, contact_sheet.png, tokenizer.json
 Splits: train images feed captions_train / sft / rl, val images captions_val, and the test images
 (zero-shot + retrieval, and a tumour-rich MCQ + VQA pool) are never used for training. The same
@@ -35,6 +37,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from data.synthpath import reading as R  # noqa: E402
 from data.synthpath import text as T  # noqa: E402
 from data.synthpath.world import CLASSES, GLANDS, LEVELS, MAX_MITOSES, PLEO, SIZES, render, sample_attributes  # noqa: E402
 from nanopatho.prompts import SYSTEM_PROMPT, format_question  # noqa: E402
@@ -56,6 +59,8 @@ class Config:
     captions_per_image: int = 2
     rl_per_image: int = 2       # RL questions per train image (SFT has one conversation per image)
     textbook_examples: int = 400
+    reading_per_level: int = 12000   # stage 0's reading curriculum rows per level (reading.py)
+    reading_probe: int = 400        # held-out reading probe items
     vocab_size: int = 4096
     no_tokenizer: bool = False
     workers: int = 2
@@ -277,7 +282,7 @@ def write_json(path, obj):
 def write_text(out, cfg, records):
     """Every manifest; returns {file name: rows} for the meta and the tokenizer."""
     streams = {name: np.random.default_rng([cfg.seed, 2, i]) for i, name in enumerate(
-        ["captions_train", "captions_val", "textbook", "retrieval", "sft", "rl", "mcq", "vqa"])}
+        ["captions_train", "captions_val", "textbook", "retrieval", "sft", "rl", "mcq", "vqa", "reading", "probe"])}
     qa_test = [r for r in records if r["split"] == "test_qa"]
     files = {
         "captions_train.jsonl": caption_rows(streams["captions_train"], records, "train", cfg.captions_per_image),
@@ -293,6 +298,8 @@ def write_text(out, cfg, records):
                                   ("image", "question", "options", "answer", "type")),
         "vqa_test.jsonl": qa_rows(streams["vqa"], [(r, k) for r in qa_test for k in ("yesno", "short")],
                                   ("image", "question", "answer", "answer_type", "type")),
+        "reading_train.jsonl": [row for level in R.LEVELS for row in R.reading_rows(streams["reading"], cfg.reading_per_level, level)],
+        "reading_probe.jsonl": R.probe_rows(streams["probe"], cfg.reading_probe),
     }
     for name, rows in files.items():
         write_jsonl(os.path.join(out, name), rows)

@@ -209,16 +209,21 @@ def _options(rng, correct, distractors, pos):
 
 def _yesno_tissue(rng, cls, target):
     other = pick(rng, [c for c in CLASSES if c != cls])
-    return f"Does this tile show {pick(rng, CLASS_INFO[cls if target == 'yes' else other][1])}?", target
+    asked = cls if target == "yes" else other
+    term = pick(rng, CLASS_INFO[asked][1])
+    about = term if term == NAME[asked] else f"{term}, that is {NAME[asked]}"
+    return f"Does this tile show {term}?", target, about
 
 
 def _yesno(rng, qtype, cls, attrs, target):
-    """(question, answer) of a yes/no question, aiming for answer == target when possible."""
+    """(question, answer, what the question asks about or None) of a yes/no question, aiming for
+    answer == target when possible. The chain restates `about` right before deciding, so the
+    decision compares two names in adjacent sentences (tissue: the canonical name of the term asked)."""
     if qtype == "tissue":
         return _yesno_tissue(rng, cls, target)
     if qtype == "grade":
         g = attrs["grade"] if target == "yes" else ("low" if attrs["grade"] == "high" else "high")
-        return f"Is this adenocarcinoma {g} grade?", "yes" if g == attrs["grade"] else "no"
+        return f"Is this adenocarcinoma {g} grade?", "yes" if g == attrs["grade"] else "no", f"{g} grade"
     if qtype == "mitoses":
         n = attrs["mitoses"]
         if (target == "yes" and n >= 1) or n == 4:
@@ -226,12 +231,12 @@ def _yesno(rng, qtype, cls, attrs, target):
         else:
             k = int(rng.integers(n + 1, 5))
         q = "Are any mitotic figures visible?" if k == 1 else f"Are at least {NUMBERS[k]} mitotic figures visible?"
-        return q, "yes" if n >= k else "no"
+        return q, "yes" if n >= k else "no", f"at least {k}"
     if qtype == "glands":
-        return "Does the tumour form glands with open lumens?", "yes" if attrs["glands"] else "no"
+        return "Does the tumour form glands with open lumens?", "yes" if attrs["glands"] else "no", None
     if qtype == "necrosis":
-        return pick(rng, ["Is tumour necrosis present?", "Is there dirty necrosis in this tile?"]), "yes" if attrs["necrosis"] else "no"
-    return pick(rng, ["Is extracellular mucin present?", "Are there pools of mucin?"]), "yes" if attrs["mucin"] else "no"
+        return pick(rng, ["Is tumour necrosis present?", "Is there dirty necrosis in this tile?"]), "yes" if attrs["necrosis"] else "no", None
+    return pick(rng, ["Is extracellular mucin present?", "Are there pools of mucin?"]), "yes" if attrs["mucin"] else "no", None
 
 
 def _mcq(rng, qtype, cls, attrs, pos):
@@ -268,20 +273,22 @@ def ask(rng, qtype, kind, cls, attrs, target="yes", pos=0):
     """One question -> {"question", "options", "answer", "kind", "type"}.
     mcq: answer is a letter, the correct option at position pos; yesno: aims at answer target."""
     assert cls in QUESTION_TYPES[qtype][0] and kind in QUESTION_TYPES[qtype][1], (qtype, kind, cls)
+    about = None
     if kind == "mcq":
         q, options, answer = _mcq(rng, qtype, cls, attrs, pos)
     elif kind == "yesno":
-        (q, answer), options = _yesno(rng, qtype, cls, attrs, target), None
+        (q, answer, about), options = _yesno(rng, qtype, cls, attrs, target), None
         q += " Answer yes or no."
     else:
         q, options, answer = SHORT[qtype][0], None, SHORT[qtype][1](cls, attrs)
-    return {"question": q, "options": options, "answer": answer, "kind": kind, "type": qtype}
+    return {"question": q, "options": options, "answer": answer, "kind": kind, "type": qtype, "about": about}
 
 
 def chain(rng, q, cls, attrs, length):
     """<think> text for question q: short = the decisive fact, medium = tissue + decisive fact,
     long = tissue + every visible attribute + the decisive fact (grade rule for grade questions);
-    then a closing sentence that states the answer ("This matches option B) mucus." for MCQ)."""
+    then a closing sentence that states the answer ("This matches option B) mucus." for MCQ; for a
+    yes/no question about a name, "The question asks about fat, that is adipose tissue." first)."""
     obs = observations(rng, cls, attrs)
     key = obs[q["type"]]
     if length == "short" or (q["type"] == "tissue" and length == "medium"):
@@ -298,6 +305,8 @@ def chain(rng, q, cls, attrs, length):
         chosen = next(o for o in q["options"] if o.startswith(q["answer"] + ")"))
         steps.append(f"This matches option {chosen}.")
     else:  # close on the answer itself, so <answer> copies the sentence before it, not a distant question
+        if q.get("about"):  # restate what is asked next to what is seen: the decision compares adjacent names
+            steps.append(f"The question asks about {q['about']}.")
         steps.append(f"So the answer is {q['answer']}.")
     return " ".join(steps)
 

@@ -1,0 +1,185 @@
+"""SynthPath reading curriculum: the text skills a base LM needs before it can answer a question
+about an image, generated offline (stage 0, the stand-in for the LM pretraining a real VLM inherits).
+
+A released LM can already look an answer up in a question; a blank toy LM cannot, and SFT on
+SynthPath never teaches it (see the README, "What the toy run shows"). These rows teach exactly
+that, in the chat layout SFT uses, on names that carry no pathology at all:
+
+    copy     "Repeat the text: ..."                      -> the text again (induction: copy a span)
+    option   "Finding: X." + four "A) .." options        -> "This matches option C) X."  (name -> letter)
+    read     "What does option B say?" + options         -> "Option B) Y."                (letter -> name)
+    same     "Finding: X. Does the finding say Y?"      -> "The finding is X. The question asks about Y.
+                                                            So the answer is yes|no."    (same or different)
+
+Each row is a multi-turn conversation (several questions on one context: dense supervision).
+A row's `level` sets its context: 0 = the bare question, 1 = + the system prompt, 2 = + a line of
+8-16 filler words where the image's 16 positions sit (the real MCQ prompt's length, ~100 tokens).
+The base-LM trainer (nanopatho/base_lm.py) moves through the levels short to long.
+
+Names are one or two of SynthPath's words ("basal crypts", "wavy") or its tissue terms; the probe's
+names come from words held out of every training name, so the probe measures the skill, not memory.
+
+    rows = reading_rows(np.random.default_rng(0), 1000, level=1)      # [{"messages", "skill", "level"}]
+    probe = probe_rows(np.random.default_rng(1), 200)                   # held-out names, full length
+"""
+
+import re
+
+import numpy as np
+
+from data.synthpath.text import CLASS_INFO, DENSITY, GLANDS, GRADE_RULE, LETTERS, PLEO, SIZE
+from nanopatho.prompts import SYSTEM_PROMPT
+
+SKILLS = ("copy", "option", "read", "same")
+LEVELS = (0, 1, 2)
+FILLER_WORDS = 16  # the image's 16 positions in the real prompt
+TERMS = sorted({s for _, syn, _ in CLASS_INFO.values() for s in syn})  # SynthPath tissue names and synonyms
+
+
+def _vocabulary():
+    """SynthPath's own words (class names, descriptions, attribute phrases): each one BPE token, so a
+    name of one or two words is as short as the real options. Every 5th word that no tissue name uses
+    is kept for the probe; training names never contain one."""
+    texts = [t for name, syn, desc in CLASS_INFO.values() for t in [name, *syn, *desc]]
+    texts += [p for table in (DENSITY, SIZE, PLEO, GLANDS) for phrases in table.values() for p in phrases]
+    words = sorted({w for t in texts + [GRADE_RULE] for w in re.findall(r"[a-z]+", t.lower()) if len(w) > 2})
+    in_terms = {w for t in TERMS for w in re.findall(r"[a-z]+", t)}
+    probe = [w for w in words if w not in in_terms][::5]
+    return [w for w in words if w not in probe], probe
+
+
+TRAIN_WORDS, PROBE_WORDS = _vocabulary()
+
+
+def word_name(rng, words):
+    return " ".join(words[int(i)] for i in rng.integers(len(words), size=int(rng.integers(1, 3))))
+
+
+def train_name(rng):
+    """A name: a SynthPath term (1 in 4) or one or two training words."""
+    if rng.random() < 0.25:
+        return TERMS[int(rng.integers(len(TERMS)))]
+    return word_name(rng, TRAIN_WORDS)
+
+
+def probe_name(rng):
+    return word_name(rng, PROBE_WORDS)
+
+
+def distinct(rng, k, make):
+    names = []
+    while len(names) < k:
+        n = make(rng)
+        if n not in names:
+            names.append(n)
+    return names
+
+
+def filler(rng, level):
+    if level < 2:
+        return ""
+    n = int(rng.integers(FILLER_WORDS // 2, FILLER_WORDS + 1))
+    return " ".join(TRAIN_WORDS[int(i)] for i in rng.integers(len(TRAIN_WORDS), size=n)) + ".\n"
+
+
+def reply(think, answer):
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+def with_context(turns, level, context):
+    """turns [(user, assistant), ...] -> messages; the first user turn carries the context."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}] if level >= 1 else []
+    for i, (user, assistant) in enumerate(turns):
+        if i == 0:
+            user = context + user
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages
+
+
+def options_block(names):
+    return "\nOptions:\n" + "\n".join(f"{LETTERS[i]}) {n}" for i, n in enumerate(names))
+
+
+def copy_turns(rng, make_name):
+    text = " ".join(make_name(rng) for _ in range(int(rng.integers(2, 6))))
+    return [(f"Repeat the text: {text}", reply(f"The text is {text}.", text))]
+
+
+def option_turns(rng, make_name, n_questions):
+    """Finding -> its option letter, then more findings against the same options."""
+    names = distinct(rng, 4, make_name)
+    asked = [int(i) for i in rng.permutation(4)[:n_questions]]
+    turns = []
+    for j, k in enumerate(asked):
+        question = f"Finding: {names[k]}.\nWhich option matches the finding?"
+        user = question + options_block(names) if j == 0 else question
+        turns.append((user, reply(f"The finding is {names[k]}. This matches option {LETTERS[k]}) {names[k]}.", LETTERS[k])))
+    return turns
+
+
+def read_turns(rng, make_name, n_questions):
+    """Option letter -> the option's text."""
+    names = distinct(rng, 4, make_name)
+    asked = [int(i) for i in rng.permutation(4)[:n_questions]]
+    turns = []
+    for j, k in enumerate(asked):
+        question = f"What does option {LETTERS[k]} say?"
+        user = question + options_block(names) if j == 0 else question
+        turns.append((user, reply(f"Option {LETTERS[k]}) {names[k]}. So the answer is {names[k]}.", names[k])))
+    return turns
+
+
+def same_turns(rng, make_name, n_questions):
+    """Is the named thing the finding? Half yes, half no; a 'no' may differ in one word only."""
+    finding = make_name(rng)
+    turns = []
+    for j in range(n_questions):
+        yes = rng.random() < 0.5
+        other = finding if yes else distinct(rng, 1, lambda r: near_miss(r, finding, make_name))[0]
+        question = f"Does the finding say {other}? Answer yes or no."
+        user = f"Finding: {finding}.\n{question}" if j == 0 else question
+        answer = "yes" if yes else "no"
+        turns.append((user, reply(f"The finding is {finding}. The question asks about {other}. "
+                                   f"So the answer is {answer}.", answer)))
+    return turns
+
+
+def near_miss(rng, name, make_name):
+    """A different name, sharing a word with `name` half of the time (so a yes needs the whole name)."""
+    words = name.split()
+    if len(words) > 1 and rng.random() < 0.5:
+        i = int(rng.integers(len(words)))
+        words[i] = make_name(rng).split()[0]
+        candidate = " ".join(words)
+        if candidate != name:
+            return candidate
+    candidate = make_name(rng)
+    return candidate if candidate != name else candidate + " " + make_name(rng)
+
+
+def reading_row(rng, skill, level, make_name=train_name):
+    n_questions = int(rng.integers(1, 4))  # questions on one context: up to 3 answers per forward pass
+    turns = {"copy": lambda: copy_turns(rng, make_name),
+             "option": lambda: option_turns(rng, make_name, n_questions),
+             "read": lambda: read_turns(rng, make_name, n_questions),
+             "same": lambda: same_turns(rng, make_name, n_questions)}[skill]()
+    return {"messages": with_context(turns, level, filler(rng, level)), "skill": skill, "level": level}
+
+
+def reading_rows(rng, n, level, mix=None):
+    """n rows of one level; skills drawn by `mix` ({skill: weight}, default uniform over SKILLS)."""
+    mix = mix or {s: 1.0 for s in SKILLS}
+    skills, weights = list(mix), np.array(list(mix.values()), dtype=float)
+    picks = rng.choice(len(skills), size=n, p=weights / weights.sum())
+    return [reading_row(rng, skills[int(i)], level) for i in picks]
+
+
+def probe_rows(rng, n):
+    """Held-out items at the longest level's layout: one question each, option look-up and same-or-different
+    alternating, names built only from PROBE_WORDS (never in a training name)."""
+    rows = []
+    for i in range(n):
+        skill = ("option", "same")[i % 2]
+        turns = option_turns(rng, probe_name, 1) if skill == "option" else same_turns(rng, probe_name, 1)
+        rows.append({"messages": with_context(turns, 2, filler(rng, 2)), "skill": skill, "level": 2})
+    return rows

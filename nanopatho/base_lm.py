@@ -1,0 +1,136 @@
+"""Stage 0: the base LM that stage 1 continues. A blank toy LM learns to read a question on
+SynthPath's reading curriculum (data/synthpath/reading.py: copy a span, find a finding's option
+letter, read an option, judge same or different), short contexts first and then the real length.
+
+Patho-R1 continues a released VLM whose LM already reads; at real scale pass a released LM to
+`train_pretrain.py --lm_init` instead. At toy scale this script is that LM's pretraining: one
+base LM serves every seed of the speedrun, as one released model serves every Patho-R1 run.
+
+    python -m nanopatho.base_lm --preset toy --data data/synthpath --out_dir out/base_lm
+    python -m nanopatho.base_lm --preset toy --level_steps 300,300 --max_steps 1000   # a faster schedule
+    torchrun --nproc_per_node=2 -m nanopatho.base_lm --preset toy
+    python -m nanopatho.base_lm --help
+
+Curriculum: the first level_steps[0] steps draw rows of level 0 (the bare question), the next
+level_steps[1] of level 1 (+ the system prompt), the rest of level 2 (+ filler: the real prompt's
+length and more); `--replay` of each batch is drawn from the earlier levels so no skill is lost.
+Every --eval_every steps the held-out reading probe (names never trained on) is scored and logged
+to metrics.jsonl as probe_option (letter top-1, chance 0.25) and probe_same (yes/no top-1, chance 0.5).
+The output directory is an LM checkpoint (config.json model_type "lm", model.safetensors, tokenizer.json).
+"""
+
+import dataclasses
+import os
+
+import torch
+
+from nanopatho import checkpoint, diagnose, dist, training
+from nanopatho.config import field, parse_config, to_dict
+from nanopatho.data import load_records
+from nanopatho.lm import LM
+from nanopatho.next_token import Examples, TrainConfig, train
+from nanopatho.presets import count_params, lm_config
+from nanopatho.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Config(TrainConfig):
+    out_dir: str = field("out/base_lm", "where checkpoints, metrics.jsonl and the base LM go")
+    train_file: str = field("reading_train.jsonl", "reading conversations {'messages', 'level'} (relative to --data)")
+    probe_file: str = field("reading_probe.jsonl", "held-out reading probe conversations ('' = none)")
+    tokenizer: str = field("", "tokenizer.json (default: <data>/tokenizer.json); stage 1 must use the same")
+    level_steps: str = field("600,600", "steps spent at each level before the last one, comma-separated")
+    replay: float = field(0.25, "fraction of each batch drawn from earlier levels")
+    val_rows: int = field(256, "rows held out of train_file for the validation loss")
+
+
+PRESETS = {
+    "toy": dict(max_steps=2400, batch_size=32, lr=1e-3, warmup_steps=50, max_seq_len=320, eval_every=200,
+                weight_decay=0.0, augment=False),
+    "small": dict(max_steps=10000, batch_size=64, lr=6e-4, warmup_steps=200, max_seq_len=512, augment=False),
+    "base": dict(max_steps=20000, batch_size=64, lr=3e-4, warmup_steps=500, max_seq_len=1024, augment=False),
+}
+
+
+def reading_examples(cfg, tokenizer, path):
+    """Conversations -> (Examples, their levels). Loss on assistant tokens only, as in SFT."""
+    records, _ = load_records(path, ("messages",), image_key=None)
+    seqs, levels = [], []
+    for r in records:
+        ids, mask = tokenizer.render_chat(r["messages"], n_image_tokens=0)
+        if len(ids) > cfg.max_seq_len:
+            training.fail(f"{r['source']}: {len(ids)} tokens > --max_seq_len {cfg.max_seq_len}")
+        seqs.append((ids, mask))
+        levels.append(int(r.get("level", 0)))
+    return Examples(seqs, [-1] * len(seqs), torch.zeros(0, 3, 1, 1, dtype=torch.uint8)), levels
+
+
+def split_rows(examples, levels, n_val):
+    """The last n_val rows are the validation set (a fixed split); the rest train."""
+    n = len(examples) - n_val
+    part = lambda a, b: Examples(examples.seqs[a:b], examples.image_index[a:b], examples.images)  # noqa: E731
+    return part(0, n), levels[:n], part(n, len(examples))
+
+
+def level_at(step, level_steps):
+    """The curriculum level of an optimizer step: level k for level_steps[k] steps, then the last level."""
+    for level, n in enumerate(level_steps):
+        if step < n:
+            return level
+        step -= n
+    return len(level_steps)
+
+
+def curriculum_sampler(cfg, levels):
+    """sampler(step, micro) -> row indices: (1 - replay) of the batch from the step's level, the rest
+    from the earlier levels; a pure function of (seed, step, micro, rank), so resume is exact."""
+    level_steps = [int(s) for s in cfg.level_steps.split(",") if s]
+    pools = {}
+    for i, level in enumerate(levels):
+        pools.setdefault(level, []).append(i)
+    top = max(pools)
+
+    def sample(step, micro):
+        level = min(level_at(step, level_steps), top)
+        g = training.generator_for(cfg.seed, step, micro, dist.rank(), 17)
+        earlier = [i for lv in range(level) for i in pools.get(lv, [])]
+        n_replay = round(cfg.replay * cfg.batch_size) if earlier else 0
+        now, old = pools[level], earlier or pools[level]
+        picks = [now[int(j)] for j in torch.randint(len(now), (cfg.batch_size - n_replay,), generator=g)]
+        return picks + [old[int(j)] for j in torch.randint(len(old), (n_replay,), generator=g)]
+    return sample
+
+
+def probe_scorer(tokenizer, path):
+    """on_eval hook: the reading probe's top-1 on option letters and yes/no decisions."""
+    convs = diagnose.load_probe(path)
+
+    def score(model):
+        stats = diagnose.probe_stats(checkpoint.unwrap(model), tokenizer, convs)
+        return {f"probe_{k}": v["top1"] for k, v in stats.items()}
+    return score
+
+
+def main(argv=None):
+    cfg = parse_config(Config, PRESETS, argv, description=__doc__)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = training.setup(cfg.seed, cfg.device)
+    tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
+    rows, levels = reading_examples(cfg, tokenizer, os.path.join(cfg.data, cfg.train_file))
+    train_set, train_levels, val_set = split_rows(rows, levels, cfg.val_rows)
+    model = LM(lm_config(cfg.preset, tokenizer.vocab_size))
+    training.print0(f"[base_lm] {len(train_set)} reading rows (levels {sorted(set(train_levels))}), "
+                    f"{len(val_set)} val; schedule {cfg.level_steps} then the last level; params: {count_params(model)}")
+    model.to(device)
+    on_eval = probe_scorer(tokenizer, os.path.join(cfg.data, cfg.probe_file)) if cfg.probe_file else None
+    summary = train(cfg, model, tokenizer, train_set, val_set, to_dict(cfg), stage="base_lm",
+                    sampler=curriculum_sampler(cfg, train_levels), on_eval=on_eval)
+    probe = on_eval(model) if on_eval is not None else {}
+    training.print0(f"[base_lm] done in {summary['seconds']:.0f}s: val loss {summary['final_val_loss']:.3f}, "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()) + f" -> {cfg.out_dir}")
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    training.run(main)

@@ -1,0 +1,85 @@
+"""Stage 0 end to end: `python -m nanopatho.base_lm` writes an LM checkpoint that
+`train_pretrain.py --lm_init` continues exactly, and the reading probe scores an LM and a VLM
+holding the same LM identically.
+
+    python -m pytest -q tests/test_base_lm.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_pretrain
+from e2e_util import ROOT, env, metrics, tiny_world
+from nanopatho import checkpoint, diagnose
+from nanopatho.presets import vlm_config
+from nanopatho.vlm import VLM
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    world = tiny_world(tmp_path_factory)
+    out = str(tmp_path_factory.mktemp("base_lm"))
+    cmd = [sys.executable, "-m", "nanopatho.base_lm", "--data", world["data"], "--out_dir", out, "--device", "cpu",
+           "--num_threads", "1", "--max_steps", "4", "--level_steps", "1,1", "--batch_size", "4", "--val_rows", "4",
+           "--eval_every", "2", "--eval_batches", "1", "--warmup_steps", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return world, out, proc
+
+
+def test_base_lm_writes_an_lm_checkpoint_with_probe_metrics(base):
+    world, out, proc = base
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["model_type"] == "lm"
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    evaluated = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evaluated] == [2, 4]
+    for r in evaluated:  # the probe's two skills are scored at every evaluation
+        assert 0.0 <= r["probe_option"] <= 1.0 and 0.0 <= r["probe_same"] <= 1.0
+    assert "[base_lm] done" in proc.stdout and "probe_option" in proc.stdout
+
+
+def test_lm_init_continues_the_base_lm_exactly(base):
+    world, out, _ = base
+    cfg = train_pretrain.Config(data=world["data"], lm_init=out)
+    from nanopatho.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_file(os.path.join(world["data"], "tokenizer.json"))
+    model = train_pretrain.build_model(cfg, tokenizer)
+    lm, _, _ = checkpoint.load(out, expect="lm")
+    assert model.config.lm == lm.config
+    for name, tensor in lm.state_dict().items():
+        assert torch.equal(model.lm.state_dict()[name], tensor), name
+
+
+def test_lm_init_refuses_another_vocabulary(base, tmp_path):
+    world, out, _ = base
+    lm, _, tokenizer = checkpoint.load(out, expect="lm")
+    from nanopatho.lm import LM, LMConfig
+    other = LM(LMConfig(vocab_size=lm.config.vocab_size + 7, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
+                        intermediate_size=32, max_seq_len=64))
+    checkpoint.save_model(str(tmp_path), other, tokenizer)
+    proc = subprocess.run([sys.executable, "train_pretrain.py", "--data", world["data"], "--lm_init", str(tmp_path),
+                           "--out_dir", str(tmp_path / "o"), "--max_steps", "1"], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "vocabulary" in proc.stderr.splitlines()[-1]
+
+
+def test_probe_scores_an_lm_and_its_vlm_alike(base):
+    """Property: text-only probe rows through a VLM use only its LM, so the numbers are the LM's own."""
+    world, out, _ = base
+    lm, _, tokenizer = checkpoint.load(out, expect="lm")
+    vlm = VLM(vlm_config("toy", tokenizer.vocab_size, tokenizer.image_id))
+    vlm.lm.load_state_dict(lm.state_dict())
+    probe = diagnose.load_probe(os.path.join(world["data"], "reading_probe.jsonl"))
+    a, b = diagnose.probe_stats(lm, tokenizer, probe), diagnose.probe_stats(vlm, tokenizer, probe)
+    assert set(a) == {"option", "same"}
+    for skill in a:
+        assert a[skill]["n"] == b[skill]["n"] > 0
+        assert a[skill]["top1"] == b[skill]["top1"]
+        assert a[skill]["nll"] == pytest.approx(b[skill]["nll"], abs=1e-5)

@@ -1,0 +1,125 @@
+"""Stage 0's reading curriculum (data/synthpath/reading.py) and the base-LM trainer's pieces
+(nanopatho/base_lm.py): every row's answer is right by construction, the probe's names are never
+trained on, the levels have the layout they promise, and the curriculum sampler is a pure function.
+
+    python -m pytest -q tests/test_reading.py
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+from data.synthpath import reading as R
+from nanopatho import base_lm
+from nanopatho.prompts import SYSTEM_PROMPT
+
+OPTION = re.compile(r"^([A-D])\) (.+)$", re.MULTILINE)
+REPLY = re.compile(r"^<think>(.*)</think><answer>(.*)</answer>$")
+
+
+def turns(row):
+    """[(user text, think, answer)] of a conversation."""
+    msgs = [m for m in row["messages"] if m["role"] != "system"]
+    out = []
+    for user, assistant in zip(msgs[::2], msgs[1::2]):
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        think, answer = REPLY.match(assistant["content"]).groups()
+        out.append((user["content"], think, answer))
+    return out
+
+
+def test_same_seed_same_rows_other_seed_differs():
+    a = R.reading_rows(np.random.default_rng(0), 50, 2)
+    assert a == R.reading_rows(np.random.default_rng(0), 50, 2)
+    assert a != R.reading_rows(np.random.default_rng(1), 50, 2)
+
+
+@pytest.mark.parametrize("level", R.LEVELS)
+def test_level_layout(level):
+    for row in R.reading_rows(np.random.default_rng(level), 40, level):
+        has_system = row["messages"][0]["role"] == "system"
+        assert has_system == (level >= 1)
+        if has_system:
+            assert row["messages"][0]["content"] == SYSTEM_PROMPT
+        first_user = next(m["content"] for m in row["messages"] if m["role"] == "user")
+        first_line = first_user.split("\n")[0]
+        has_filler = not first_line.startswith(("Finding:", "What does", "Repeat", "Which"))
+        assert has_filler == (level == 2), first_user
+
+
+def test_option_rows_answer_the_finding_letter():
+    """Property: in every 'option' turn, the answer letter is the option whose text is the finding."""
+    rng = np.random.default_rng(3)
+    n = 0
+    for _ in range(200):
+        row = R.reading_row(rng, "option", 1)
+        options = None
+        for user, think, answer in turns(row):
+            options = dict((name, letter) for letter, name in OPTION.findall(user)) or options
+            finding = re.search(r"Finding: (.+)\.\n", user).group(1)
+            assert options[finding] == answer
+            assert think.endswith(f"This matches option {answer}) {finding}.")
+            n += 1
+    assert n > 200  # several questions per context
+
+
+def test_read_and_same_rows_are_right():
+    rng = np.random.default_rng(4)
+    yes = no = 0
+    for _ in range(200):
+        row = R.reading_row(rng, "read", 0)
+        options = None
+        for user, _, answer in turns(row):
+            options = {letter: name for letter, name in OPTION.findall(user)} or options
+            assert answer == options[re.search(r"option ([A-D]) say", user).group(1)]
+        row = R.reading_row(rng, "same", 0)
+        finding = re.search(r"Finding: (.+)\.\n", turns(row)[0][0]).group(1)
+        for user, think, answer in turns(row):
+            asked = re.search(r"Does the finding say (.+)\? Answer", user).group(1)
+            assert answer == ("yes" if asked == finding else "no")
+            assert think == f"The finding is {finding}. The question asks about {asked}. So the answer is {answer}."
+            yes, no = yes + (answer == "yes"), no + (answer == "no")
+    assert 0.35 < yes / (yes + no) < 0.65  # balanced: always-yes stays at chance
+
+
+def test_copy_rows_repeat_the_text():
+    for row in R.reading_rows(np.random.default_rng(5), 30, 0, mix={"copy": 1.0}):
+        (user, think, answer), = turns(row)
+        assert user == f"Repeat the text: {answer}" and think == f"The text is {answer}."
+
+
+def test_probe_names_never_in_training_names():
+    assert not set(R.TRAIN_WORDS) & set(R.PROBE_WORDS) and len(R.PROBE_WORDS) >= 20
+    trained = set()
+    for level in R.LEVELS:
+        for row in R.reading_rows(np.random.default_rng(6), 300, level):
+            for user, think, _ in turns(row):
+                trained |= set(re.findall(r"[a-z]+", user + " " + think))
+    assert not trained & set(R.PROBE_WORDS)
+    probe = R.probe_rows(np.random.default_rng(7), 40)
+    assert {r["skill"] for r in probe} == {"option", "same"}
+    for row in probe:
+        (user, _, _), = turns(row)
+        names = [n for _, n in OPTION.findall(user)] or [re.search(r"Finding: (.+)\.\n", user).group(1)]
+        assert all(w in R.PROBE_WORDS for n in names for w in n.split())
+
+
+def test_level_at_hand_case():
+    assert [base_lm.level_at(s, [3, 2]) for s in range(7)] == [0, 0, 0, 1, 1, 2, 2]
+    assert base_lm.level_at(10**6, []) == 0
+
+
+class _Cfg:
+    seed, batch_size, replay, level_steps = 0, 8, 0.25, "2,2"
+
+
+def test_curriculum_sampler_levels_replay_and_determinism():
+    levels = [0] * 10 + [1] * 10 + [2] * 10
+    sample = base_lm.curriculum_sampler(_Cfg, levels)
+    assert sample(0, 0) == sample(0, 0) and sample(0, 0) != sample(1, 0)
+    assert all(levels[i] == 0 for i in sample(1, 0))  # level 0: nothing earlier to replay
+    at_two = sample(4, 0)
+    assert len(at_two) == 8
+    assert sum(levels[i] == 2 for i in at_two) == 6  # (1 - replay) of the batch from the step's level
+    assert all(levels[i] < 2 for i in at_two[6:])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole Patho-R1 recipe on a laptop, end to end:
-#   set-up -> SynthPath (+ tokenizer) -> PathoCLIP -> stage 1 pretrain -> stage 2 SFT
-#   -> stage 3 RL twice from the same SFT model (GRPO, DAPO) -> evaluation -> out/report.md
+#   set-up -> SynthPath (+ tokenizer) -> stage 0 base LM (once, shared by every seed) -> PathoCLIP
+#   -> stage 1 pretrain (continues the base LM) -> stage 2 SFT -> stage 3 RL twice from the same
+#   SFT model (GRPO, DAPO) -> evaluation -> out/report.md
 #
 #   bash speedrun.sh                      # toy preset, seed 0 (~20 min on 2 CPU cores)
 #   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report
@@ -40,7 +41,7 @@ if [ "$SKIP_SETUP" != 1 ]; then
     # a CPU build where one is on disk; elsewhere the default build of torch
     $PYTHON -m pip install -q torch==2.13.0 || $PYTHON -m pip install -q "torch>=2.4"
   fi
-  $PYTHON -m pip install -q -r requirements.txt
+  $PYTHON -m pip install -q -r requirements.txt matplotlib  # + the `plots` extra: the report draws curves.png
 fi
 mkdir -p "$OUT"
 
@@ -50,7 +51,7 @@ stage() {  # stage NAME LOGFILE CMD... : run, time, keep the log, print its summ
     echo "[$name] already done: $(dirname "$log")/$name"; return 0
   fi
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$log" | grep -E "^\[(clip|pretrain|sft|rl)\] done|^error" || true
+  "$@" 2>&1 | tee "$log" | grep -E "^\[(base_lm|clip|pretrain|sft|rl)\] done|^error" || true
   local rc=${PIPESTATUS[0]}
   if [ "$rc" != 0 ]; then echo "stage $name failed (exit $rc), see $log" >&2; exit "$rc"; fi
   echo "{\"stage\": \"$name\", \"seconds\": $((SECONDS - t0))}" >> "$(dirname "$log")/times.jsonl"
@@ -63,13 +64,19 @@ if [ ! -f "$DATA/meta.json" ] || [ ! -f "$DATA/tokenizer.json" ]; then
   echo "[data] SynthPath ready in $((SECONDS - t0))s -> $DATA"
 fi
 
+# ---------------------------------------------------------------- stage 0: the base LM, shared by every seed
+# (at real scale a released LM plays this part: train_pretrain.py --lm_init <its directory>)
+stage base_lm "$OUT/base_lm.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" --out_dir "$OUT/base_lm"
+$PYTHON -m nanopatho.diagnose --ckpt "$OUT/base_lm" --data "$DATA" --probe reading_probe.jsonl \
+  --out "$OUT/base_lm/diagnose.json" > "$OUT/diagnose_base_lm.log" 2>&1
+
 # ---------------------------------------------------------------- stages, per seed
 for SEED in ${SEEDS//,/ }; do
   O="$OUT/seed$SEED"
   mkdir -p "$O"
   common=(--preset "$PRESET" --data "$DATA" --seed "$SEED")
   stage clip "$O/clip.log" $PYTHON train_clip.py "${common[@]}" --out_dir "$O/clip"
-  stage pretrain "$O/pretrain.log" $PYTHON train_pretrain.py "${common[@]}" --vision_init "$O/clip" --out_dir "$O/pretrain"
+  stage pretrain "$O/pretrain.log" $PYTHON train_pretrain.py "${common[@]}" --vision_init "$O/clip" --lm_init "$OUT/base_lm" --out_dir "$O/pretrain"
   stage sft "$O/sft.log" $PYTHON train_sft.py "${common[@]}" --init "$O/pretrain" --out_dir "$O/sft"
   stage rl_grpo "$O/rl_grpo.log" $PYTHON train_rl.py "${common[@]}" --algo grpo --init "$O/sft" --out_dir "$O/rl_grpo"
   stage rl_dapo "$O/rl_dapo.log" $PYTHON train_rl.py "${common[@]}" --algo dapo --init "$O/sft" --out_dir "$O/rl_dapo"
@@ -77,8 +84,11 @@ for SEED in ${SEEDS//,/ }; do
     $PYTHON -m nanopatho.evaluate --ckpt "$O/$CK" --data "$DATA" --tasks mcq,vqa --max_new_tokens 192 > "$O/eval_$CK.log" 2>&1
     echo "[eval] $CK: $(grep -E '^mcq +accuracy' "$O/eval_$CK.log" | tr -s ' ')"
   done
-  # where the SFT model's loss sits: option letters vs the rest of the reply (SFT held-out rows)
-  $PYTHON -m nanopatho.diagnose --ckpt "$O/sft" --data "$DATA" --out "$O/sft/diagnose.json" > "$O/diagnose_sft.log" 2>&1
+  # where the loss sits: option letters vs the rest of the reply (SFT held-out rows), and the reading probe
+  for CK in pretrain sft; do
+    $PYTHON -m nanopatho.diagnose --ckpt "$O/$CK" --data "$DATA" --probe reading_probe.jsonl \
+      --out "$O/$CK/diagnose.json" > "$O/diagnose_$CK.log" 2>&1
+  done
 done
 
 # ---------------------------------------------------------------- report

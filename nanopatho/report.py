@@ -3,7 +3,8 @@
     python -m nanopatho.report --out out --data data/synthpath --seeds 0,1,2
     python -m nanopatho.report --out out --readme README.md     # also rewrite README's results section
 
-Reads out/seed<k>/<stage>/eval.json, out/seed<k>/sft/diagnose.json, out/seed<k>/times.jsonl,
+Reads out/seed<k>/<stage>/eval.json, out/seed<k>/{pretrain,sft}/diagnose.json, out/base_lm/diagnose.json
+(stage 0's reading probe), out/times.jsonl (the shared base LM's time), out/seed<k>/times.jsonl,
 <data>/meta.json (chance levels and the trivial baseline) and the metrics.jsonl curves; writes out/report.json, out/report.md
 and, when matplotlib is installed, out/curves.png. Nothing in the tables is typed by hand.
 """
@@ -65,8 +66,9 @@ def summarise(values):
 
 
 def stage_seconds(out, seed):
+    """{stage: seconds} from out/seed<k>/times.jsonl, or out/times.jsonl (shared stages) for seed None."""
     times = {}
-    path = os.path.join(out, f"seed{seed}", "times.jsonl")
+    path = os.path.join(out, "times.jsonl" if seed is None else os.path.join(f"seed{seed}", "times.jsonl"))
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
@@ -94,7 +96,42 @@ def collect(out, seeds):
                                              if evals[s][st] and chance_of(evals[s][st], path) is not None), None)
     report["per_seed_mcq"] = {st: [dig(evals[s][st], ("mcq", "accuracy")) for s in seeds] for st, _ in VLM_STAGES}
     report["sft_token_roles"] = token_roles(out, seeds)
+    report["reading_probe"] = reading_probe(out, seeds)
+    report["base_lm_seconds"] = stage_seconds(out, None).get("base_lm")
     return report
+
+
+PROBE_STAGES = [("base_lm", "stage 0 base LM"), ("pretrain", "stage 1 pretrain"), ("sft", "stage 2 SFT")]
+PROBE_SKILLS = [("option", "option look-up top-1"), ("same", "same-or-different top-1")]
+
+
+def reading_probe(out, seeds):
+    """{stage: {skill: summary of top-1}} of the reading probe (held-out names), from diagnose.json files.
+    Stage 0 is trained once and shared by every seed: its row is one run."""
+    result = {}
+    for stage, _ in PROBE_STAGES:
+        paths = [os.path.join(out, "base_lm", "diagnose.json")] if stage == "base_lm" else \
+            [os.path.join(out, f"seed{s}", stage, "diagnose.json") for s in seeds]
+        runs = [dig(read_json(p), ("probe",)) for p in paths]
+        result[stage] = {skill: summarise([dig(r, (skill, "top1")) for r in runs]) for skill, _ in PROBE_SKILLS}
+        result[stage]["chance"] = {skill: next((dig(r, (skill, "chance_top1")) for r in runs if dig(r, (skill,))), None)
+                                   for skill, _ in PROBE_SKILLS}
+    return result
+
+
+def probe_markdown(probe, base_seconds):
+    """The reading probe per stage, beside chance: does the LM still read after each stage?"""
+    if not probe or not any(probe[st][sk] for st, _ in PROBE_STAGES for sk, _ in PROBE_SKILLS):
+        return ""
+    lines = ["| reading probe (names never trained on) | " + " | ".join(label for _, label in PROBE_SKILLS) + " |",
+             "|---|" + "---|" * len(PROBE_SKILLS)]
+    for stage, label in PROBE_STAGES:
+        if stage == "base_lm" and base_seconds is not None:
+            label += f" (trained once, {base_seconds:.0f} s)"
+        lines.append(f"| {label} | " + " | ".join(fmt(probe[stage][sk]) for sk, _ in PROBE_SKILLS) + " |")
+    chance = next((probe[st]["chance"] for st, _ in PROBE_STAGES if any(probe[st]["chance"].values())), {})
+    lines.append("| chance | " + " | ".join(fmt_chance(chance.get(sk)) for sk, _ in PROBE_SKILLS) + " |")
+    return "\n".join(lines)
 
 
 def token_roles(out, seeds):
@@ -143,6 +180,7 @@ def claims(report):
                         f"{value:.3f} vs {sft:.3f} ({100 * (value - sft):+.1f} points)"))
     if grpo is not None and dapo is not None:
         out.append(("DAPO vs GRPO (information, not a pass/fail target)", None, f"{dapo:.3f} vs {grpo:.3f}"))
+    out += reading_claims(report, sft, mean("sft", "closed-VQA acc"), report["chance"]["vlm"].get("closed-VQA acc"))
     f1 = {stage: mean(stage, "open-VQA F1") for stage in ("sft", "rl_grpo", "rl_dapo")}
     f1_majority = report["chance"]["vlm"].get("open-VQA F1")
     if f1["sft"] is not None and f1_majority is not None:
@@ -152,6 +190,30 @@ def claims(report):
         if f1[stage] is not None and f1["sft"] is not None:
             out.append((f"{name} keeps SFT's open-VQA F1 (drop <= 5 points)", f1[stage] >= f1["sft"] - 0.05,
                         f"{f1[stage]:.3f} vs {f1['sft']:.3f} ({100 * (f1[stage] - f1['sft']):+.1f} points)"))
+    return out
+
+
+def reading_claims(report, sft_mcq, sft_closed, closed_chance):
+    """Does the VLM read its question? The SFT model's decisive tokens on held-out SFT rows, its test
+    accuracies at the levels a reading model reaches, and the base LM's probe."""
+    out = []
+    roles = report.get("sft_token_roles") or {}
+    for role, target in (("option letter (reasoning)", 0.9), ("yes/no decision (reasoning)", 0.8)):
+        top1 = (roles.get(role) or {}).get("top1")
+        if top1:
+            out.append((f"SFT {role} top-1 on held-out SFT rows >= {target}", top1["mean"] >= target,
+                        f"{top1['mean']:.3f} (chance {fmt_chance(roles[role].get('chance_top1'))})"))
+    if sft_mcq is not None:
+        out.append(("SFT MCQ accuracy >= 0.55", sft_mcq >= 0.55, f"{sft_mcq:.3f}"))
+    if sft_closed is not None:
+        out.append(("SFT closed-VQA accuracy >= 0.70", sft_closed >= 0.70,
+                    f"{sft_closed:.3f} vs chance {fmt_chance(closed_chance)}"))
+    probe = (report.get("reading_probe") or {}).get("base_lm") or {}
+    for skill, target in (("option", 0.9), ("same", 0.8)):
+        if probe.get(skill):
+            out.append((f"stage 0 base LM reads: probe {skill} top-1 >= {target} on names never trained on",
+                        probe[skill]["mean"] >= target, f"{probe[skill]['mean']:.3f} (chance "
+                        f"{fmt_chance(probe['chance'].get(skill))})"))
     return out
 
 
@@ -250,6 +312,10 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     if roles:
         parts += ["\nWhere the SFT model's loss sits, on SFT held-out conversations (`python -m nanopatho.diagnose`):\n",
                   roles]
+    probe = probe_markdown(report.get("reading_probe"), report.get("base_lm_seconds"))
+    if probe:
+        parts += ["\nThe reading probe (`python -m nanopatho.diagnose --probe reading_probe.jsonl`): held-out option "
+                  "look-ups and same-or-different judgements on names no stage ever trained on, teacher-forced:\n", probe]
     parts += ["\n## PathoCLIP\n", clip_table, "\n## Claims\n"]
     for text, ok, numbers in claim_rows:
         verdict = "info" if ok is None else ("PASS" if ok else "FAIL")
@@ -297,7 +363,8 @@ def main(argv=None):
         json.dump({"report": report, "claims": [{"claim": c, "pass": ok, "numbers": n} for c, ok, n in claim_rows],
                    "machine": info, "seeds": seeds, "preset": args.preset, "meta": meta}, f, indent=2)
     if args.readme:
-        tables = [t for t in (*tables_markdown(report, meta), roles_markdown(report["sft_token_roles"])) if t]
+        tables = [t for t in (*tables_markdown(report, meta), roles_markdown(report["sft_token_roles"]),
+                              probe_markdown(report["reading_probe"], report["base_lm_seconds"])) if t]
         rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, commit {info['commit']}, "
                        f"preset {args.preset}, seeds {args.seeds}, {info['cpus']} CPUs, torch {info['torch']}):\n\n" +
                        "\n\n".join(tables) + "\n\n" +

@@ -21,7 +21,7 @@ import torch
 from nanopatho import checkpoint, dist, training
 from nanopatho.config import field, parse_config, to_dict
 from nanopatho.data import load_pairs, load_records, preload_images
-from nanopatho.next_token import Examples, TrainConfig, train
+from nanopatho.next_token import Examples, TrainConfig, mix_text, reading_seqs, train
 from nanopatho.presets import count_params, vlm_config
 from nanopatho.tokenizer import Tokenizer
 from nanopatho.vlm import VLM
@@ -81,16 +81,6 @@ def textbook_examples(cfg, tokenizer, path):
     return seqs, skipped
 
 
-def mix(captions, textbook, ratio):
-    """Repeat the textbook rows so they are about `ratio` of the combined examples."""
-    if not textbook or ratio <= 0:
-        return captions
-    repeats = max(1, round(ratio * len(captions) / ((1 - ratio) * len(textbook))))
-    seqs = captions.seqs + textbook * repeats
-    image_index = captions.image_index + [-1] * (len(textbook) * repeats)
-    return Examples(seqs, image_index, captions.images)
-
-
 def build_model(cfg, tokenizer):
     mcfg = vlm_config(cfg.preset, tokenizer.vocab_size, tokenizer.image_id)
     clip = None
@@ -136,8 +126,10 @@ def main(argv=None):
     textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) if cfg.textbook_file else ([], 0)
     val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size) \
         if cfg.val_file else (Examples([], [], torch.zeros(0, 3, size, size, dtype=torch.uint8)), 0)
-    train_set = mix(train_caps, textbook, cfg.textbook_ratio)
-    training.print0(f"[pretrain] {len(train_caps)} caption + {len(textbook)} textbook examples "
+    train_set = mix_text(train_caps, textbook, cfg.textbook_ratio)
+    reading = reading_seqs(tokenizer, resolve(cfg, cfg.reading_file), cfg.max_seq_len) if cfg.reading_file else []
+    train_set = mix_text(train_set, reading, cfg.reading_ratio)
+    training.print0(f"[pretrain] {len(train_caps)} caption + {len(textbook)} textbook + {len(reading)} reading examples "
                     f"({len(train_set)} after mixing), {len(val_set)} val; skipped bad samples: "
                     f"{bad_train + bad_text + bad_val}; params: {count_params(model)}")
     model.to(device)

@@ -19,7 +19,7 @@ import torch
 from nanopatho import checkpoint, dist, training
 from nanopatho.config import field, parse_config, to_dict
 from nanopatho.data import DataError, load_conversations, preload_images
-from nanopatho.next_token import Examples, TrainConfig, train
+from nanopatho.next_token import Examples, TrainConfig, mix_text, reading_seqs, train
 from nanopatho.presets import count_params
 
 
@@ -72,6 +72,9 @@ def main(argv=None):
     model, _, tokenizer = checkpoint.load(cfg.init, expect="vlm")
     train_set, val_set, bad = conversation_examples(cfg, tokenizer, model.n_image_tokens,
                                                     model.config.vision.image_size)
+    if cfg.reading_file:  # text-only reading rows, so SFT does not erase what stage 0 taught
+        path = cfg.reading_file if os.path.isabs(cfg.reading_file) else os.path.join(cfg.data, cfg.reading_file)
+        train_set = mix_text(train_set, reading_seqs(tokenizer, path, cfg.max_seq_len), cfg.reading_ratio)
     if cfg.freeze_vision:
         model.freeze_vision()
     training.print0(f"[sft] {len(train_set)} train / {len(val_set)} val conversations from {cfg.init}; "

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from nanopatho import checkpoint, dist, training
 from nanopatho.config import RunConfig, field
-from nanopatho.data import augment, collate_lm, to_float
+from nanopatho.data import augment, collate_lm, load_conversations, to_float
 
 
 @dataclasses.dataclass
@@ -42,6 +42,28 @@ class TrainConfig(RunConfig):
     augment: bool = field(True, "flips / 90-degree rotations / stain jitter on training images")
     eval_every: int = field(100, "validation loss every N steps (0 = only at the end)")
     eval_batches: int = field(4, "validation micro-batches per evaluation")
+    reading_file: str = field("", "stage 0's reading conversations to mix in, text only (relative to --data; '' = none)")
+    reading_ratio: float = field(0.1, "fraction of training rows that are --reading_file rows")
+
+
+def mix_text(examples, text_seqs, ratio):
+    """Append text-only rows, repeated so they are about `ratio` of the combined examples
+    (stage 1's textbook paragraphs; the reading rows that keep stage 0's skill alive)."""
+    if not text_seqs or ratio <= 0:
+        return examples
+    wanted = round(ratio * len(examples) / (1 - ratio))
+    if wanted < len(text_seqs):  # more rows than needed: an evenly spaced subset (all levels, all skills)
+        extra = [text_seqs[i * len(text_seqs) // wanted] for i in range(wanted)]
+    else:
+        extra = text_seqs * max(1, round(wanted / len(text_seqs)))
+    return Examples(examples.seqs + extra, examples.image_index + [-1] * len(extra), examples.images)
+
+
+def reading_seqs(tokenizer, path, max_seq_len):
+    """Stage 0's reading conversations (data/synthpath/reading.py) -> [(ids, assistant-only loss mask)]."""
+    convs, _ = load_conversations(path)
+    seqs = [tokenizer.render_chat(c["messages"], n_image_tokens=0) for c in convs]
+    return [(ids[:max_seq_len], mask[:max_seq_len]) for ids, mask in seqs]
 
 
 def make_batch(examples, indices, pad_id, generator, train_aug, device):

@@ -98,3 +98,15 @@ def test_tiny_model_overfits_one_conversation_and_reproduces_it_greedily():
                          stop_ids=(tok.im_end_id,), pad_id=tok.pad_id)
     generated = out.ids[0][out.mask[0]].tolist()
     assert generated == tok.encode(reply) + [tok.im_end_id]
+
+
+def test_mix_text_reaches_the_ratio_by_repeating_or_subsampling():
+    from nanopatho.next_token import Examples, mix_text
+    base = Examples([([1, 2], [0, 1])] * 80, [0] * 80, None)
+    few = [([i], [1]) for i in range(5)]
+    mixed = mix_text(base, few, 0.2)  # 20 wanted: the 5 rows 4 times
+    assert len(mixed) == 100 and mixed.image_index[80:] == [-1] * 20 and mixed.seqs[80:85] == few
+    many = [([i], [1]) for i in range(200)]
+    mixed = mix_text(base, many, 0.2)  # 20 wanted of 200: every 10th row
+    assert [s[0][0] for s in mixed.seqs[80:]] == list(range(0, 200, 10))
+    assert mix_text(base, many, 0.0) is base and mix_text(base, [], 0.5) is base

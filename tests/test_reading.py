@@ -68,12 +68,12 @@ def test_read_and_same_rows_are_right():
     rng = np.random.default_rng(4)
     yes = no = 0
     for _ in range(200):
-        row = R.reading_row(rng, "read", 0)
+        row = R.reading_row(rng, "read", 1)
         options = None
         for user, _, answer in turns(row):
             options = {letter: name for letter, name in OPTION.findall(user)} or options
             assert answer == options[re.search(r"option ([A-D]) say", user).group(1)]
-        row = R.reading_row(rng, "same", 0)
+        row = R.reading_row(rng, "same", 1)
         finding = re.search(r"Finding: (.+)\.\n", turns(row)[0][0]).group(1)
         for user, think, answer in turns(row):
             asked = re.search(r"Does the finding say (.+)\? Answer", user).group(1)
@@ -123,3 +123,15 @@ def test_curriculum_sampler_levels_replay_and_determinism():
     assert len(at_two) == 8
     assert sum(levels[i] == 2 for i in at_two) == 6  # (1 - replay) of the batch from the step's level
     assert all(levels[i] < 2 for i in at_two[6:])
+
+
+def test_level0_packs_every_question_into_one_reply():
+    rng = np.random.default_rng(8)
+    for _ in range(100):
+        row = R.reading_row(rng, "option", 0)
+        (user, think, answer), = turns(row)
+        options = {name: letter for letter, name in OPTION.findall(user)}
+        findings = re.findall(r"Finding: (.+)\.\n", user)
+        letters = answer.split(", ")
+        assert 2 <= len(findings) == len(letters) == think.count("This matches option")
+        assert letters == [options[f] for f in findings]

@@ -11,8 +11,9 @@ that, in the chat layout SFT uses, on names that carry no pathology at all:
     same     "Finding: X. Does the finding say Y?"      -> "The finding is X. The question asks about Y.
                                                             So the answer is yes|no."    (same or different)
 
-Each row is a multi-turn conversation (several questions on one context: dense supervision).
-A row's `level` sets its context: 0 = the bare question, 1 = + the system prompt, 2 = + a line of
+Each row asks several questions on one context (dense supervision): level 0 packs them into one
+turn and one reply, higher levels ask them turn by turn, as a chat would.
+A row's `level` sets its context: 0 = the bare questions, 1 = + the system prompt, 2 = + a line of
 8-16 filler words where the image's 16 positions sit (the real MCQ prompt's length, ~100 tokens).
 The base-LM trainer (nanopatho/base_lm.py) moves through the levels short to long.
 
@@ -82,12 +83,23 @@ def filler(rng, level):
     return " ".join(TRAIN_WORDS[int(i)] for i in rng.integers(len(TRAIN_WORDS), size=n)) + ".\n"
 
 
+REPLY = re.compile(r"^<think>(.*)</think><answer>(.*)</answer>$")
+
+
 def reply(think, answer):
     return f"<think>{think}</think><answer>{answer}</answer>"
 
 
+def merged(turns):
+    """Level 0 packs every question into one turn, every answer into one reply: dense and short."""
+    thinks, answers = zip(*(REPLY.match(a).groups() for _, a in turns))
+    return [("\n".join(u for u, _ in turns), reply(" ".join(thinks), ", ".join(answers)))]
+
+
 def with_context(turns, level, context):
     """turns [(user, assistant), ...] -> messages; the first user turn carries the context."""
+    if level == 0:
+        turns = merged(turns)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}] if level >= 1 else []
     for i, (user, assistant) in enumerate(turns):
         if i == 0:
@@ -158,7 +170,7 @@ def near_miss(rng, name, make_name):
 
 
 def reading_row(rng, skill, level, make_name=train_name):
-    n_questions = int(rng.integers(1, 4))  # questions on one context: up to 3 answers per forward pass
+    n_questions = int(rng.integers(2, 5)) if level == 0 else int(rng.integers(1, 4))  # answers per forward pass
     turns = {"copy": lambda: copy_turns(rng, make_name),
              "option": lambda: option_turns(rng, make_name, n_questions),
              "read": lambda: read_turns(rng, make_name, n_questions),
@@ -166,9 +178,12 @@ def reading_row(rng, skill, level, make_name=train_name):
     return {"messages": with_context(turns, level, filler(rng, level)), "skill": skill, "level": level}
 
 
+MIX = {"copy": 1.0, "option": 3.0, "read": 1.0, "same": 2.0}  # the look-up is the slowest skill to form
+
+
 def reading_rows(rng, n, level, mix=None):
-    """n rows of one level; skills drawn by `mix` ({skill: weight}, default uniform over SKILLS)."""
-    mix = mix or {s: 1.0 for s in SKILLS}
+    """n rows of one level; skills drawn by `mix` ({skill: weight}, default MIX)."""
+    mix = mix or MIX
     skills, weights = list(mix), np.array(list(mix.values()), dtype=float)
     picks = rng.choice(len(skills), size=n, p=weights / weights.sum())
     return [reading_row(rng, skills[int(i)], level) for i in picks]

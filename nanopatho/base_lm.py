@@ -41,7 +41,10 @@ class Config(TrainConfig):
     tokenizer: str = field("", "tokenizer.json (default: <data>/tokenizer.json); stage 1 must use the same")
     level_steps: str = field("600,600", "steps spent at each level before the last one, comma-separated")
     replay: float = field(0.25, "fraction of each batch drawn from earlier levels")
+    level_batch: str = field("", "rows per micro-batch at each level, comma-separated ('' = --batch_size at every "
+                                 "level); the short drills afford more rows than the long chats")
     val_rows: int = field(256, "rows held out of train_file for the validation loss")
+    loss_on: str = field("all", "all = every token, as LM pretraining does | assistant = the replies only, as SFT does")
 
 
 PRESETS = {
@@ -53,14 +56,17 @@ PRESETS = {
 
 
 def reading_examples(cfg, tokenizer, path):
-    """Conversations -> (Examples, their levels). Loss on assistant tokens only, as in SFT."""
+    """Conversations -> (Examples, their levels). With --loss_on all the questions are predicted too
+    (the next option letter after each option line, the finding copied from the question)."""
+    if cfg.loss_on not in ("all", "assistant"):
+        training.fail(f"--loss_on must be 'all' or 'assistant', got {cfg.loss_on!r}")
     records, _ = load_records(path, ("messages",), image_key=None)
     seqs, levels = [], []
     for r in records:
         ids, mask = tokenizer.render_chat(r["messages"], n_image_tokens=0)
         if len(ids) > cfg.max_seq_len:
             training.fail(f"{r['source']}: {len(ids)} tokens > --max_seq_len {cfg.max_seq_len}")
-        seqs.append((ids, mask))
+        seqs.append((ids, [1] * len(ids) if cfg.loss_on == "all" else mask))
         levels.append(int(r.get("level", 0)))
     return Examples(seqs, [-1] * len(seqs), torch.zeros(0, 3, 1, 1, dtype=torch.uint8)), levels
 
@@ -85,6 +91,7 @@ def curriculum_sampler(cfg, levels):
     """sampler(step, micro) -> row indices: (1 - replay) of the batch from the step's level, the rest
     from the earlier levels; a pure function of (seed, step, micro, rank), so resume is exact."""
     level_steps = [int(s) for s in cfg.level_steps.split(",") if s]
+    sizes = [int(s) for s in cfg.level_batch.split(",") if s]
     pools = {}
     for i, level in enumerate(levels):
         pools.setdefault(level, []).append(i)
@@ -92,11 +99,12 @@ def curriculum_sampler(cfg, levels):
 
     def sample(step, micro):
         level = min(level_at(step, level_steps), top)
+        batch_size = sizes[min(level, len(sizes) - 1)] if sizes else cfg.batch_size
         g = training.generator_for(cfg.seed, step, micro, dist.rank(), 17)
         earlier = [i for lv in range(level) for i in pools.get(lv, [])]
-        n_replay = round(cfg.replay * cfg.batch_size) if earlier else 0
+        n_replay = round(cfg.replay * batch_size) if earlier else 0
         now, old = pools[level], earlier or pools[level]
-        picks = [now[int(j)] for j in torch.randint(len(now), (cfg.batch_size - n_replay,), generator=g)]
+        picks = [now[int(j)] for j in torch.randint(len(now), (batch_size - n_replay,), generator=g)]
         return picks + [old[int(j)] for j in torch.randint(len(old), (n_replay,), generator=g)]
     return sample
 

@@ -19,7 +19,7 @@ REPLY = re.compile(r"^<think>(.*)</think><answer>(.*)</answer>$")
 
 
 def turns(row):
-    """[(user text, think, answer)] of a conversation."""
+    """[(user text, think, answer)] of a chat-layout conversation (level 1 or 2)."""
     msgs = [m for m in row["messages"] if m["role"] != "system"]
     out = []
     for user, assistant in zip(msgs[::2], msgs[1::2]):
@@ -44,7 +44,7 @@ def test_level_layout(level):
             assert row["messages"][0]["content"] == SYSTEM_PROMPT
         first_user = next(m["content"] for m in row["messages"] if m["role"] == "user")
         first_line = first_user.split("\n")[0]
-        has_filler = not first_line.startswith(("Finding:", "What does", "Repeat", "Which"))
+        has_filler = not first_line.startswith(("Finding:", "What does", "Repeat", "Which", "Options:"))
         assert has_filler == (level == 2), first_user
 
 
@@ -84,7 +84,7 @@ def test_read_and_same_rows_are_right():
 
 
 def test_copy_rows_repeat_the_text():
-    for row in R.reading_rows(np.random.default_rng(5), 30, 0, mix={"copy": 1.0}):
+    for row in R.reading_rows(np.random.default_rng(5), 30, 1, mix={"copy": 1.0}):
         (user, think, answer), = turns(row)
         assert user == f"Repeat the text: {answer}" and think == f"The text is {answer}."
 
@@ -94,8 +94,7 @@ def test_probe_names_never_in_training_names():
     trained = set()
     for level in R.LEVELS:
         for row in R.reading_rows(np.random.default_rng(6), 300, level):
-            for user, think, _ in turns(row):
-                trained |= set(re.findall(r"[a-z]+", user + " " + think))
+            trained |= {w for m in row["messages"] if m["role"] != "system" for w in re.findall(r"[a-z]+", m["content"])}
     assert not trained & set(R.PROBE_WORDS)
     probe = R.probe_rows(np.random.default_rng(7), 40)
     assert {r["skill"] for r in probe} == {"option", "same"}
@@ -111,7 +110,7 @@ def test_level_at_hand_case():
 
 
 class _Cfg:
-    seed, batch_size, replay, level_steps = 0, 8, 0.25, "2,2"
+    seed, batch_size, replay, level_steps, level_batch = 0, 8, 0.25, "2,2", ""
 
 
 def test_curriculum_sampler_levels_replay_and_determinism():
@@ -125,13 +124,14 @@ def test_curriculum_sampler_levels_replay_and_determinism():
     assert all(levels[i] < 2 for i in at_two[6:])
 
 
-def test_level0_packs_every_question_into_one_reply():
+def test_level0_drills_answer_every_question_in_one_reply():
     rng = np.random.default_rng(8)
     for _ in range(100):
-        row = R.reading_row(rng, "option", 0)
-        (user, think, answer), = turns(row)
+        (user, reply), = [(m["content"] for m in R.reading_row(rng, "option", 0)["messages"])]
         options = {name: letter for letter, name in OPTION.findall(user)}
-        findings = re.findall(r"Finding: (.+)\.\n", user)
-        letters = answer.split(", ")
-        assert 2 <= len(findings) == len(letters) == think.count("This matches option")
-        assert letters == [options[f] for f in findings]
+        pairs = re.findall(r"(?:^| )([a-z -]+?) matches option ([A-D])\.", reply)
+        assert 3 <= len(pairs) <= 4 and all(options[name] == letter for name, letter in pairs)
+        (user, reply), = [(m["content"] for m in R.reading_row(rng, "same", 0)["messages"])]
+        finding = re.fullmatch(r"Finding: (.+)\.", user).group(1)
+        for name, answer in re.findall(r"([a-z -]+?): (yes|no)\.", reply):
+            assert answer == ("yes" if name.strip() == finding else "no")

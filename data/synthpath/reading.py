@@ -11,9 +11,9 @@ that, in the chat layout SFT uses, on names that carry no pathology at all:
     same     "Finding: X. Does the finding say Y?"      -> "The finding is X. The question asks about Y.
                                                             So the answer is yes|no."    (same or different)
 
-Each row asks several questions on one context (dense supervision): level 0 packs them into one
-turn and one reply, higher levels ask them turn by turn, as a chat would.
-A row's `level` sets its context: 0 = the bare questions, 1 = + the system prompt, 2 = + a line of
+Each row asks several questions on one context (dense supervision). Level 0 is a terse drill of
+the skill alone ("A) x\nB) y ..." -> "y matches option B. x matches option A."), about 50 tokens;
+level 1 asks the questions turn by turn in the chat layout SFT uses, + the system prompt; level 2 + a line of
 8-16 filler words where the image's 16 positions sit (the real MCQ prompt's length, ~100 tokens).
 The base-LM trainer (nanopatho/base_lm.py) moves through the levels short to long.
 
@@ -83,23 +83,12 @@ def filler(rng, level):
     return " ".join(TRAIN_WORDS[int(i)] for i in rng.integers(len(TRAIN_WORDS), size=n)) + ".\n"
 
 
-REPLY = re.compile(r"^<think>(.*)</think><answer>(.*)</answer>$")
-
-
 def reply(think, answer):
     return f"<think>{think}</think><answer>{answer}</answer>"
 
 
-def merged(turns):
-    """Level 0 packs every question into one turn, every answer into one reply: dense and short."""
-    thinks, answers = zip(*(REPLY.match(a).groups() for _, a in turns))
-    return [("\n".join(u for u, _ in turns), reply(" ".join(thinks), ", ".join(answers)))]
-
-
 def with_context(turns, level, context):
     """turns [(user, assistant), ...] -> messages; the first user turn carries the context."""
-    if level == 0:
-        turns = merged(turns)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}] if level >= 1 else []
     for i, (user, assistant) in enumerate(turns):
         if i == 0:
@@ -169,8 +158,30 @@ def near_miss(rng, name, make_name):
     return candidate if candidate != name else candidate + " " + make_name(rng)
 
 
+def drill(rng, skill, make_name, n_questions):
+    """Level 0: one short turn, several answers in one terse reply (no chain, no tags): the skill alone,
+    at a quarter of the chat layout's length, so it forms before contexts grow."""
+    names = distinct(rng, 4, make_name)
+    asked = [int(i) for i in rng.permutation(4)[:n_questions]]
+    if skill == "option":
+        user, answer = options_block(names).lstrip(), " ".join(f"{names[k]} matches option {LETTERS[k]}." for k in asked)
+    elif skill == "read":
+        user, answer = options_block(names).lstrip(), " ".join(f"Option {LETTERS[k]}) {names[k]}." for k in asked)
+    elif skill == "same":
+        finding = names[0]
+        others = [finding if rng.random() < 0.5 else near_miss(rng, finding, make_name) for _ in range(n_questions)]
+        user = f"Finding: {finding}."
+        answer = " ".join(f"{o}: {'yes' if o == finding else 'no'}." for o in others)
+    else:
+        return copy_turns(rng, make_name)
+    return [(user, answer)]
+
+
 def reading_row(rng, skill, level, make_name=train_name):
-    n_questions = int(rng.integers(2, 5)) if level == 0 else int(rng.integers(1, 4))  # answers per forward pass
+    if level == 0:
+        turns = drill(rng, skill, make_name, int(rng.integers(3, 5)))
+        return {"messages": with_context(turns, 0, ""), "skill": skill, "level": 0}
+    n_questions = int(rng.integers(1, 4))  # questions on one context: up to 3 answers per forward pass
     turns = {"copy": lambda: copy_turns(rng, make_name),
              "option": lambda: option_turns(rng, make_name, n_questions),
              "read": lambda: read_turns(rng, make_name, n_questions),

@@ -57,6 +57,7 @@ from nanopatho.data import BOM, DataError
 from nanopatho.training import generator_for, hash_ints, print0
 
 MAX_OPEN_SHARDS = 4  # tar files a worker keeps open (its shuffle buffer spans the last few shards)
+MAX_EMPTY_EPOCHS = 3  # a slot that reads no good sample in this many epochs in a row stops the run
 
 
 class Bad:
@@ -359,19 +360,23 @@ class _RoleBatches(IterableDataset):
 
     def _samples(self, epoch, cursor, slot):
         """(epoch, refs pulled in it, sample or Bad) for one slot, epoch after epoch, from (epoch, cursor)."""
-        n_slots = self.world * self.n_roles
+        n_slots, empty_epochs = self.world * self.n_roles, 0
+        where = f"rank {self.rank}'s worker {slot % self.n_roles} (one of {n_slots} rank x worker slots)"
         while True:
-            whole_epoch, n_good = cursor == 0, 0
-            refs = self.source.epoch_refs(epoch, self.seed, slot, n_slots)
-            for ref in itertools.islice(refs, cursor, None):
+            n_good = 0
+            for ref in itertools.islice(self.source.epoch_refs(epoch, self.seed, slot, n_slots), cursor, None):
                 cursor += 1
                 sample = ref if isinstance(ref, Bad) else self._load(ref)
                 n_good += not isinstance(sample, Bad)
                 yield epoch, cursor, sample
-            if whole_epoch and n_good == 0:
-                yield epoch, cursor, Bad(f"{self.source.name}: no readable sample for rank {self.rank}'s worker "
-                                         f"{slot % self.n_roles} ({cursor} read by this one of {n_slots} rank x worker "
-                                         f"slots); use fewer --num_workers", fatal=True)
+            if cursor == 0:  # a slot's share of an epoch is empty only if there are fewer samples than slots
+                yield epoch, 0, Bad(f"{self.source.name}: nothing for {where} to read; use fewer --num_workers",
+                                    fatal=True)
+                return
+            empty_epochs = empty_epochs + 1 if n_good == 0 else 0
+            if empty_epochs == MAX_EMPTY_EPOCHS:  # every epoch reshuffles the shares: a few empty ones can happen
+                yield epoch, cursor, Bad(f"{self.source.name}: no readable sample for {where} in {MAX_EMPTY_EPOCHS} "
+                                         f"epochs", fatal=True)
                 return
             epoch, cursor = epoch + 1, 0
 

@@ -9,7 +9,14 @@ loss sees the global batch's negatives (nanopatho/clip.py:clip_loss).
 
     python train_clip.py --preset toy                       # ~minutes on 2 CPU cores
     torchrun --nproc_per_node=8 train_clip.py --preset small
+    torchrun --nproc_per_node=8 train_clip.py --preset base --train_file shards/ --stream --num_workers 6
     python train_clip.py --help
+
+--stream reads the pairs sample by sample (nanopatho/stream.py): each pair is one training row
+with its caption and, with --first_sentences, its first sentence as the caption pool, instead of
+one row per unique image pooling every caption of that image (the preloaded path's grouping needs
+the whole manifest in memory). A batch may then hold one image twice, a false negative that
+matters on SynthPath's 2 captions per image and not on a large corpus.
 
 Writes out_dir/{config.json, model.safetensors, tokenizer.json, metrics.jsonl, eval.json}.
 """
@@ -23,10 +30,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanopatho import checkpoint, dist, training
+from nanopatho import dist, fsdp, stream, training
 from nanopatho.clip import PathoCLIP, clip_loss
 from nanopatho.config import RunConfig, field, parse_config, to_dict
-from nanopatho.data import augment, load_pairs, pad_sequences, preload_images, to_float
+from nanopatho.data import augment, image_tensor, load_pairs, pad_sequences, preload_images, to_float
 from nanopatho.evaluate import clip_text_ids, eval_clip
 from nanopatho.presets import clip_config, count_params
 from nanopatho.tokenizer import Tokenizer
@@ -66,6 +73,14 @@ def first_sentence(text):
     return m.group(1) if m else text.strip()
 
 
+def caption_pool(cfg, tokenizer, caption, text_len):
+    """Token ids of a caption and, with --first_sentences, of its first sentence when that differs."""
+    texts = [caption]
+    if cfg.first_sentences and first_sentence(caption) != caption:
+        texts.append(first_sentence(caption))
+    return [clip_text_ids(tokenizer, t, text_len) for t in texts]
+
+
 def load_data(cfg, tokenizer, image_size, text_len):
     """Unique images (uint8) and, per image, the token ids of each of its captions."""
     path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
@@ -75,22 +90,67 @@ def load_data(cfg, tokenizer, image_size, text_len):
     for p in pairs:
         key = p["image"] if isinstance(p["image"], str) else p["source"]
         by_image.setdefault(key, {"image": p["image"], "source": p["source"], "captions": []})
-        texts = [p["caption"]]
-        if cfg.first_sentences and first_sentence(p["caption"]) != p["caption"]:
-            texts.append(first_sentence(p["caption"]))
-        by_image[key]["captions"] += [clip_text_ids(tokenizer, t, text_len) for t in texts]
+        by_image[key]["captions"] += caption_pool(cfg, tokenizer, p["caption"], text_len)
     images, kept, bad = preload_images(list(by_image.values()), image_size, skip_bad=cfg.skip_bad_samples,
                                        desc="clip images")
     return images, [item["captions"] for item in kept], skipped + bad
 
 
-def make_batch(images, captions, indices, pad_id, gen, use_aug, device):
-    """Pixels (B,3,S,S) and one randomly chosen caption per image, right-padded."""
-    pixels = augment(images[indices], gen) if use_aug else to_float(images[indices])  # (B, 3, S, S)
-    pick = torch.randint(0, 1 << 30, (len(indices),), generator=gen).tolist()
-    texts = [captions[i][pick[j] % len(captions[i])] for j, i in enumerate(indices)]
+def collate_pairs(images, captions, pad_id, gen, use_aug):
+    """uint8 images (B,3,S,S) and each one's caption pool -> pixels (B,3,S,S) and one randomly chosen
+    caption per image, right-padded, on the CPU. The preloaded and the streaming path both use it."""
+    pixels = augment(images, gen) if use_aug else to_float(images)  # (B, 3, S, S)
+    pick = torch.randint(0, 1 << 30, (len(captions),), generator=gen).tolist()
+    texts = [pool[pick[j] % len(pool)] for j, pool in enumerate(captions)]
     ids, mask = pad_sequences(texts, pad_id, side="right")  # (B, T) each
-    return pixels.to(device), ids.to(device), mask.to(device)
+    return pixels, ids, mask
+
+
+def preloaded(cfg, images, captions, pad_id):
+    """The preloaded images behind the stream interface: micro-batch k = step * grad_accum + micro."""
+    def make(k):
+        step, micro = divmod(k, cfg.grad_accum)
+        idx = training.batch_indices(len(captions), cfg.batch_size, k, cfg.seed, dist.rank(), dist.world_size())
+        gen = training.generator_for(cfg.seed, step, micro, dist.rank())
+        return collate_pairs(images[idx], [captions[i] for i in idx], pad_id, gen, cfg.augment)
+    return stream.InMemory(make, cfg.grad_accum)
+
+
+class PairPlan:
+    """--stream: a pair -> (uint8 image, caption pool) in a worker; batches collated as the preloaded path's."""
+
+    def __init__(self, cfg, tokenizer, image_size, text_len):
+        self.cfg, self.tokenizer, self.image_size, self.text_len, self.rank = cfg, tokenizer, image_size, text_len, dist.rank()
+
+    def rows(self, k):
+        return self.cfg.batch_size
+
+    def sample(self, item):
+        image = image_tensor(item["image"], item["source"], self.image_size)  # (3, S, S) uint8
+        return image, caption_pool(self.cfg, self.tokenizer, item["caption"], self.text_len)
+
+    def collate(self, samples, k):
+        step, micro = divmod(k, self.cfg.grad_accum)
+        gen = training.generator_for(self.cfg.seed, step, micro, self.rank)
+        images, pools = zip(*samples)
+        return collate_pairs(torch.stack(images), list(pools), self.tokenizer.pad_id, gen, self.cfg.augment)
+
+
+def training_data(cfg, tokenizer, model):
+    """(micro-batch source, bad samples skipped while loading): preloaded, or a stream.Stream with --stream."""
+    size, text_len = model.config.vision.image_size, model.config.text.max_len
+    path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
+    if cfg.stream:
+        source = stream.open_pairs(path, allow_outside_root=cfg.allow_outside_root, csv_img_key=cfg.csv_img_key,
+                                   csv_caption_key=cfg.csv_caption_key, csv_sep=cfg.csv_sep,
+                                   shuffle_buffer_size=cfg.shuffle_buffer)
+        training.print0(f"[clip] streaming {source.name} ({cfg.num_workers} workers); params: {count_params(model)}")
+        return stream.Stream(source, PairPlan(cfg, tokenizer, size, text_len), seed=cfg.seed,
+                             num_workers=cfg.num_workers, skip_bad=cfg.skip_bad_samples), 0
+    images, captions, bad = load_data(cfg, tokenizer, size, text_len)
+    training.print0(f"[clip] {len(captions)} images, {sum(map(len, captions))} captions; skipped bad samples: {bad}; "
+                    f"params: {count_params(model)}")
+    return preloaded(cfg, images, captions, tokenizer.pad_id), bad
 
 
 def main(argv=None):
@@ -100,13 +160,11 @@ def main(argv=None):
     device = training.setup(cfg.seed, cfg.device)
     tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
     model = PathoCLIP(clip_config(cfg.preset, tokenizer.vocab_size))
-    images, captions, bad = load_data(cfg, tokenizer, model.config.vision.image_size, model.config.text.max_len)
-    training.print0(f"[clip] {len(captions)} images, {sum(map(len, captions))} captions; skipped bad samples: {bad}; "
-                    f"params: {count_params(model)}")
+    data, bad = training_data(cfg, tokenizer, model)
     model.to(device)
-    ddp_model = training.wrap_ddp(model, device)
+    ddp_model = training.wrap(model, device, cfg.fsdp)
     optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start, skipped_steps, resumed = training.resume(cfg, model, optimizer, "clip")
+    start, skipped_steps, resumed = training.resume(cfg, model, optimizer, "clip", data=data)
     log = training.MetricsLog(cfg.out_dir, resume_step=start if resumed else None)
     t0 = time.time()
     bar = tqdm(range(start, cfg.max_steps), desc="clip", disable=not dist.is_main(), dynamic_ncols=True)
@@ -115,10 +173,7 @@ def main(argv=None):
         training.set_lr(optimizer, lr)
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            idx = training.batch_indices(len(captions), cfg.batch_size, step * cfg.grad_accum + micro, cfg.seed,
-                                         dist.rank(), dist.world_size())
-            gen = training.generator_for(cfg.seed, step, micro, dist.rank())
-            pixels, ids, mask = make_batch(images, captions, idx, tokenizer.pad_id, gen, cfg.augment, device)
+            pixels, ids, mask = (t.to(device) for t in next(data))
             with training.no_sync_unless(ddp_model, micro == cfg.grad_accum - 1), training.autocast(device):
                 img_f, txt_f, scale = ddp_model(pixels, ids, mask)  # (B, D), (B, D), ()
                 loss = clip_loss(img_f.float(), txt_f.float(), scale.float()) / cfg.grad_accum
@@ -131,24 +186,35 @@ def main(argv=None):
         row = dict(step=step + 1, loss=step_loss, lr=lr, grad_norm=grad_norm, logit_scale=model.logit_scale.exp().item(),
                    skipped_steps=skipped_steps, elapsed=time.time() - t0)
         last = step == cfg.max_steps - 1
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last and dist.is_main():
-            row["zeroshot_acc"] = eval_clip(model, tokenizer, cfg.data, ["zeroshot"], device=device)["zeroshot"]["accuracy"]
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
+            with fsdp.unsharded(model):  # rank 0 alone evaluates
+                if dist.is_main():
+                    row["zeroshot_acc"] = eval_clip(model, tokenizer, cfg.data, ["zeroshot"], device=device)["zeroshot"]["accuracy"]
             model.train()
         log.write(**row)
         bar.set_postfix(loss=f"{step_loss:.3f}", scale=f"{row['logit_scale']:.1f}")
         if training.snapshot_due(cfg, step):
-            training.save_snapshot(cfg, step, model, tokenizer, to_dict(cfg), optimizer, skipped_steps)
+            training.save_snapshot(cfg, step, model, tokenizer, to_dict(cfg), optimizer, skipped_steps, data=data)
         dist.barrier()
-    if dist.is_main():
-        checkpoint.save_model(cfg.out_dir, model, tokenizer, to_dict(cfg))
-        tasks = [t for t in cfg.eval_tasks.split(",") if t]
-        results = eval_clip(model, tokenizer, cfg.data, tasks, device=device)
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-            json.dump({"ckpt": cfg.out_dir, "model_type": "clip", "data": cfg.data, "results": results}, f, indent=2)
-        zs = results.get("zeroshot", {})
-        training.print0(f"[clip] done in {time.time() - t0:.0f}s: zero-shot acc {zs.get('accuracy', float('nan')):.3f} "
-                        f"(chance {zs.get('chance', {}).get('accuracy', float('nan')):.3f}), skipped steps {skipped_steps} -> {cfg.out_dir}")
+    data.close()
+    bad += stream.total_bad(data, device)
+    training.save_final(cfg.out_dir, model, tokenizer, to_dict(cfg))
+    with fsdp.unsharded(model):
+        if dist.is_main():
+            final_eval(cfg, model, tokenizer, device, t0, skipped_steps, bad)
     dist.shutdown()
+
+
+def final_eval(cfg, model, tokenizer, device, t0, skipped_steps, bad):
+    """The final evaluation tasks -> out_dir/eval.json, and the closing line."""
+    tasks = [t for t in cfg.eval_tasks.split(",") if t]
+    results = eval_clip(model, tokenizer, cfg.data, tasks, device=device)
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump({"ckpt": cfg.out_dir, "model_type": "clip", "data": cfg.data, "results": results}, f, indent=2)
+    zs = results.get("zeroshot", {})
+    training.print0(f"[clip] done in {time.time() - t0:.0f}s: zero-shot acc {zs.get('accuracy', float('nan')):.3f} "
+                    f"(chance {zs.get('chance', {}).get('accuracy', float('nan')):.3f}), skipped steps {skipped_steps}, "
+                    f"skipped samples {bad} -> {cfg.out_dir}")
 
 
 if __name__ == "__main__":

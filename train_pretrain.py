@@ -10,7 +10,12 @@ vision tower fixed throughout.
 
     python train_pretrain.py --preset toy --vision_init out/clip --out_dir out/pretrain
     torchrun --nproc_per_node=8 train_pretrain.py --preset small --vision_init out/clip
+    torchrun --nproc_per_node=8 train_pretrain.py --preset base --train_file shards/ --stream --num_workers 6 --fsdp
     python train_pretrain.py --help
+
+--stream reads the pairs sample by sample (nanopatho/stream.py) instead of decoding every image
+first; the textbook paragraphs (text only, small) stay in memory and are mixed into each
+micro-batch by a draw that depends on (seed, micro-batch, rank) only, so resuming stays exact.
 """
 
 import dataclasses
@@ -18,10 +23,10 @@ import os
 
 import torch
 
-from nanopatho import checkpoint, dist, training
+from nanopatho import checkpoint, dist, stream, training
 from nanopatho.config import field, parse_config, to_dict
-from nanopatho.data import load_pairs, load_records, preload_images
-from nanopatho.next_token import Examples, TrainConfig, mix_text, reading_seqs, train
+from nanopatho.data import image_tensor, load_pairs, load_records, preload_images
+from nanopatho.next_token import Examples, TrainConfig, collate_rows, mix_text, reading_seqs, train
 from nanopatho.presets import count_params, vlm_config
 from nanopatho.tokenizer import Tokenizer
 from nanopatho.vlm import VLM
@@ -55,20 +60,76 @@ def resolve(cfg, name):
     return name if not name or os.path.isabs(name) else os.path.join(cfg.data, name)
 
 
-def caption_examples(cfg, tokenizer, n_image_tokens, path, image_size):
-    """Pairs -> Examples: `<|bos|> <image>*n caption <|eos|>`, loss on caption + eos."""
-    pairs, skipped = load_pairs(path, skip_bad=cfg.skip_bad_samples, allow_outside_root=cfg.allow_outside_root,
-                                csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key, csv_sep=cfg.csv_sep)
-    images, pairs, bad = preload_images(pairs, image_size, skip_bad=cfg.skip_bad_samples, desc=os.path.basename(path))
+def caption_prefix(cfg, tokenizer, n_image_tokens):
+    """`<|bos|> <image>*n`, checking that --max_seq_len leaves room for a caption token and <|eos|>."""
     prefix = [tokenizer.bos_id] + [tokenizer.image_id] * n_image_tokens
-    if cfg.max_seq_len < len(prefix) + 2:  # room for at least one caption token and <|eos|>
+    if cfg.max_seq_len < len(prefix) + 2:
         training.fail(f"--max_seq_len {cfg.max_seq_len} is too small: <|bos|> and the image take {len(prefix)} "
                       f"tokens, so captions need at least {len(prefix) + 2}")
-    seqs = []
-    for p in pairs:
-        text = tokenizer.encode(p["caption"])[: cfg.max_seq_len - len(prefix) - 1] + [tokenizer.eos_id]
-        seqs.append((prefix + text, [0] * len(prefix) + [1] * len(text)))
+    return prefix
+
+
+def caption_seq(cfg, tokenizer, prefix, caption):
+    """(ids, loss mask) of `prefix caption <|eos|>`, the loss on caption + eos."""
+    text = tokenizer.encode(caption)[: cfg.max_seq_len - len(prefix) - 1] + [tokenizer.eos_id]
+    return prefix + text, [0] * len(prefix) + [1] * len(text)
+
+
+def open_pairs(cfg, path):
+    return stream.open_pairs(path, allow_outside_root=cfg.allow_outside_root, csv_img_key=cfg.csv_img_key,
+                             csv_caption_key=cfg.csv_caption_key, csv_sep=cfg.csv_sep,
+                             shuffle_buffer_size=cfg.shuffle_buffer)
+
+
+def caption_examples(cfg, tokenizer, n_image_tokens, path, image_size, limit=None):
+    """Pairs -> Examples: `<|bos|> <image>*n caption <|eos|>`, loss on caption + eos.
+    limit: only the first `limit` pairs, read as a stream (--stream's validation rows)."""
+    if limit is None:
+        pairs, skipped = load_pairs(path, skip_bad=cfg.skip_bad_samples, allow_outside_root=cfg.allow_outside_root,
+                                    csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
+                                    csv_sep=cfg.csv_sep)
+    else:
+        pairs, skipped = stream.head(open_pairs(cfg, path), limit, cfg.skip_bad_samples)
+    images, pairs, bad = preload_images(pairs, image_size, skip_bad=cfg.skip_bad_samples, desc=os.path.basename(path))
+    prefix = caption_prefix(cfg, tokenizer, n_image_tokens)
+    seqs = [caption_seq(cfg, tokenizer, prefix, p["caption"]) for p in pairs]
     return Examples(seqs, list(range(len(pairs))), images), skipped + bad
+
+
+class CaptionPlan:
+    """--stream: a pair -> (ids, loss mask, uint8 image) in a worker. Micro-batch k takes each of its
+    rows from the textbook with probability textbook_ratio (drawn from (seed, k, rank)), the rest from
+    the stream, and is collated as the preloaded path's (same augmentation generators)."""
+
+    def __init__(self, cfg, tokenizer, n_image_tokens, image_size, textbook):
+        self.cfg, self.tokenizer, self.image_size, self.textbook = cfg, tokenizer, image_size, textbook
+        self.prefix, self.rank = caption_prefix(cfg, tokenizer, n_image_tokens), dist.rank()
+
+    def _textbook_rows(self, k):
+        gen = training.generator_for(self.cfg.seed, 11, k, self.rank)
+        is_text = torch.rand(self.cfg.batch_size, generator=gen) < (self.cfg.textbook_ratio if self.textbook else 0)
+        which = torch.randint(max(1, len(self.textbook)), (self.cfg.batch_size,), generator=gen)
+        return is_text.tolist(), which.tolist()
+
+    def rows(self, k):
+        return self.cfg.batch_size - sum(self._textbook_rows(k)[0])
+
+    def sample(self, item):
+        image = image_tensor(item["image"], item["source"], self.image_size)  # (3, S, S) uint8
+        return caption_seq(self.cfg, self.tokenizer, self.prefix, item["caption"]), image
+
+    def collate(self, samples, k):
+        captions, seqs, images = iter(samples), [], []
+        for is_text, j in zip(*self._textbook_rows(k)):
+            if is_text:
+                seqs.append(self.textbook[j])
+            else:
+                seq, image = next(captions)
+                seqs.append(seq)
+                images.append(image)
+        step, micro = divmod(k, self.cfg.grad_accum)
+        gen = training.generator_for(self.cfg.seed, step, micro, self.rank)
+        return collate_rows(seqs, torch.stack(images) if images else None, self.tokenizer.pad_id, gen, self.cfg.augment)
 
 
 def textbook_examples(cfg, tokenizer, path):
@@ -79,6 +140,25 @@ def textbook_examples(cfg, tokenizer, path):
         ids = tokenizer.encode(r["text"])[: cfg.max_seq_len - 2] + [tokenizer.eos_id]
         seqs.append(([tokenizer.bos_id] + ids, [0] + [1] * len(ids)))
     return seqs, skipped
+
+
+def empty_examples(size):
+    return Examples([], [], torch.zeros(0, 3, size, size, dtype=torch.uint8))
+
+
+def streamed_data(cfg, tokenizer, model, size):
+    """--stream: (train Stream, the first validation rows as Examples, bad samples skipped so far)."""
+    textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) if cfg.textbook_file else ([], 0)
+    n_val = cfg.eval_batches * cfg.batch_size * dist.world_size()  # all that validation_loss reads
+    val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size, n_val) \
+        if cfg.val_file else (empty_examples(size), 0)
+    source = open_pairs(cfg, resolve(cfg, cfg.train_file))
+    plan = CaptionPlan(cfg, tokenizer, model.n_image_tokens, size, textbook)
+    train_set = stream.Stream(source, plan, seed=cfg.seed, num_workers=cfg.num_workers, skip_bad=cfg.skip_bad_samples)
+    training.print0(f"[pretrain] streaming {source.name} ({cfg.num_workers} workers) + {len(textbook)} textbook "
+                    f"examples, {len(val_set)} val; skipped bad samples so far: {bad_text + bad_val}; "
+                    f"params: {count_params(model)}")
+    return train_set, val_set, bad_text + bad_val
 
 
 def build_model(cfg, tokenizer):
@@ -122,22 +202,27 @@ def main(argv=None):
     tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
     model = build_model(cfg, tokenizer)
     size = model.config.vision.image_size
-    train_caps, bad_train = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.train_file), size)
-    textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) if cfg.textbook_file else ([], 0)
-    val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size) \
-        if cfg.val_file else (Examples([], [], torch.zeros(0, 3, size, size, dtype=torch.uint8)), 0)
-    train_set = mix_text(train_caps, textbook, cfg.textbook_ratio)
-    reading = reading_seqs(tokenizer, resolve(cfg, cfg.reading_file), cfg.max_seq_len) if cfg.reading_file else []
-    train_set = mix_text(train_set, reading, cfg.reading_ratio)
-    training.print0(f"[pretrain] {len(train_caps)} caption + {len(textbook)} textbook + {len(reading)} reading examples "
-                    f"({len(train_set)} after mixing), {len(val_set)} val; skipped bad samples: "
-                    f"{bad_train + bad_text + bad_val}; params: {count_params(model)}")
+    if cfg.stream:
+        if cfg.reading_file:
+            training.fail("--reading_file mixes into the preloaded pairs; it does not combine with --stream")
+        train_set, val_set, bad = streamed_data(cfg, tokenizer, model, size)
+    else:
+        train_caps, bad_train = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.train_file), size)
+        textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) if cfg.textbook_file else ([], 0)
+        val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size) \
+            if cfg.val_file else (empty_examples(size), 0)
+        train_set, bad = mix_text(train_caps, textbook, cfg.textbook_ratio), bad_train + bad_text + bad_val
+        reading = reading_seqs(tokenizer, resolve(cfg, cfg.reading_file), cfg.max_seq_len) if cfg.reading_file else []
+        train_set = mix_text(train_set, reading, cfg.reading_ratio)
+        training.print0(f"[pretrain] {len(train_caps)} caption + {len(textbook)} textbook + {len(reading)} reading "
+                        f"examples ({len(train_set)} after mixing), {len(val_set)} val; skipped bad samples: {bad}; "
+                        f"params: {count_params(model)}")
     model.to(device)
     summary = train(cfg, model, tokenizer, train_set, val_set, to_dict(cfg),
                     grad_filter=projector_only_until(cfg.align_steps) if cfg.align_steps else None, stage="pretrain")
+    bad += summary["bad_samples"]
     training.print0(f"[pretrain] done in {summary['seconds']:.0f}s: val loss {summary['final_val_loss']:.3f}, "
-                    f"skipped steps {summary['skipped_steps']}, skipped samples {bad_train + bad_text + bad_val} "
-                    f"-> {cfg.out_dir}")
+                    f"skipped steps {summary['skipped_steps']}, skipped samples {bad} -> {cfg.out_dir}")
     dist.shutdown()
 
 

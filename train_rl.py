@@ -17,7 +17,13 @@ One step, in the order the code runs it:
     python train_rl.py --preset toy --algo grpo --init out/sft --out_dir out/rl_grpo
     python train_rl.py --preset toy --algo dapo --init out/sft --out_dir out/rl_dapo
     torchrun --nproc_per_node=8 train_rl.py --preset small --algo dapo --init out/sft
+    torchrun --nproc_per_node=8 train_rl.py --preset base --algo grpo --init out/sft --stream --fsdp
     python train_rl.py --help
+
+--stream reads the questions by seek, prompts_per_step at a time per rollout round, images decoded
+in --num_workers processes (nanopatho/stream.py). --fsdp shards the policy; rollouts, old log-probs
+and evaluation run inside fsdp.unsharded (ranks generate different lengths); the frozen KL reference
+is a plain replicated copy (no gradients, no optimizer state).
 
 Why the loss printed here hovers around 0: with on-policy data the ratio is 1 at the first
 mini-batch, so the surrogate equals the mean advantage, which group normalisation makes ~0.
@@ -31,9 +37,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanopatho import checkpoint, dist, rl, training
+from nanopatho import checkpoint, dist, fsdp, rl, stream, training
 from nanopatho.config import RunConfig, field, parse_config, to_dict
-from nanopatho.data import load_records, pad_sequences, preload_images, to_float
+from nanopatho.data import image_tensor, load_records, pad_sequences, preload_images, to_float
 from nanopatho.evaluate import eval_vlm
 from nanopatho.kernels import fused_policy_loss, token_logprobs
 from nanopatho.prompts import format_question
@@ -174,13 +180,23 @@ def select_groups(batch, keep, group_size):
     return {k: v[rows.to(v.device)] for k, v in batch.items()}
 
 
-def collect(cfg, model, tokenizer, items, images, step, device):
+def next_prompts(cfg, questions, step, rounds):
+    """(items, uint8 images, indices) of this rank's prompts for one rollout round: the preloaded
+    (items, images) indexed by batch_indices, or the next batch of the --stream."""
+    if cfg.stream:
+        items, images = next(questions)
+        return items, images, list(range(len(items)))
+    items, images = questions
+    return items, images, training.batch_indices(len(items), cfg.prompts_per_step, step * cfg.max_gen_rounds + rounds,
+                                                 cfg.seed, dist.rank(), dist.world_size())
+
+
+def collect(cfg, model, tokenizer, questions, step, device):
     """Rollouts for one step. GRPO: one round. DAPO: keep informative groups, resample up to
     max_gen_rounds rounds until prompts_per_step groups are kept, then train on what there is."""
     kept, n_groups, n_kept, rounds = [], 0, 0, 0
     while rounds < max(1, cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
-        idx = training.batch_indices(len(items), cfg.prompts_per_step, step * cfg.max_gen_rounds + rounds,
-                                     cfg.seed, dist.rank(), dist.world_size())
+        items, images, idx = next_prompts(cfg, questions, step, rounds)
         gen = training.generator_for(cfg.seed, step, rounds, dist.rank())
         batch = rollout(cfg, model, tokenizer, items, images, idx, gen, device)
         rounds += 1
@@ -274,12 +290,37 @@ def global_mean(values, device):
 
 # -----------------------------------------------------------------------------
 
+QUESTION_KEYS = ("image", "question", "answer", "kind")
+
+
 def load_questions(cfg, image_size):
+    """(items, uint8 images) decoded into memory, or with --stream a stream.Stream of such batches;
+    and the bad samples skipped while loading."""
     path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
-    items, skipped = load_records(path, ("image", "question", "answer", "kind"), skip_bad=cfg.skip_bad_samples,
+    if cfg.stream:
+        source = stream.open_records(path, QUESTION_KEYS, allow_outside_root=cfg.allow_outside_root)
+        return stream.Stream(source, QuestionPlan(image_size, cfg.prompts_per_step), seed=cfg.seed,
+                             num_workers=cfg.num_workers, skip_bad=cfg.skip_bad_samples), 0
+    items, skipped = load_records(path, QUESTION_KEYS, skip_bad=cfg.skip_bad_samples,
                                   allow_outside_root=cfg.allow_outside_root)
     images, items, bad = preload_images(items, image_size, skip_bad=cfg.skip_bad_samples, desc="rl images")
-    return items, images, skipped + bad
+    return (items, images), skipped + bad
+
+
+class QuestionPlan:
+    """--stream: a question -> (item, uint8 image) in a worker; a batch is prompts_per_step of them."""
+
+    def __init__(self, image_size, prompts_per_step):
+        self.image_size, self.prompts_per_step = image_size, prompts_per_step
+
+    def rows(self, k):
+        return self.prompts_per_step
+
+    def sample(self, item):
+        return item, image_tensor(item["image"], item["source"], self.image_size)  # (3, S, S) uint8
+
+    def collate(self, samples, k):
+        return [item for item, _ in samples], torch.stack([image for _, image in samples])  # (P, 3, S, S)
 
 
 def main(argv=None):
@@ -289,14 +330,15 @@ def main(argv=None):
     device = training.setup(cfg.seed, cfg.device)
     model, _, tokenizer = checkpoint.load(cfg.init, expect="vlm")
     ref = checkpoint.load(cfg.init, expect="vlm")[0] if cfg.beta > 0 else None
-    items, images, bad = load_questions(cfg, model.config.vision.image_size)
+    questions, bad = load_questions(cfg, model.config.vision.image_size)
     model.to(device)
     if ref is not None:
         ref.to(device).eval().requires_grad_(False)
-    ddp_model = training.wrap_ddp(model, device)
+    ddp_model = training.wrap(model, device, cfg.fsdp)
     optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start, skipped_steps, resumed = training.resume(cfg, model, optimizer, "rl")
-    training.print0(f"[rl] {cfg.algo}: {len(items)} questions, skipped bad samples {bad}; eps=({cfg.eps_low}, "
+    start, skipped_steps, resumed = training.resume(cfg, model, optimizer, "rl", data=questions if cfg.stream else None)
+    n_questions = f"{len(questions.source)} streamed" if cfg.stream else len(questions[0])
+    training.print0(f"[rl] {cfg.algo}: {n_questions} questions, skipped bad samples {bad}; eps=({cfg.eps_low}, "
                     f"{cfg.eps_high}) beta={cfg.beta} agg={cfg.agg} dynamic_sampling={cfg.dynamic_sampling} "
                     f"overlong_shaping={cfg.overlong_shaping} loss_impl={cfg.loss_impl}")
     log = training.MetricsLog(cfg.out_dir, resume_step=start if resumed else None)
@@ -305,7 +347,8 @@ def main(argv=None):
     for step in bar:
         training.set_lr(optimizer, training.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, min_ratio=1.0))
         t_gen = time.time()
-        batch, sampling = collect(cfg, model, tokenizer, items, images, step, device)
+        with fsdp.unsharded(model):  # ranks generate different lengths: no collective inside
+            batch, sampling = collect(cfg, model, tokenizer, questions, step, device)
         t_gen = time.time() - t_gen
         t_upd = time.time()
         row = dict(step=step + 1, reward=global_mean(batch["reward"], device), accuracy=global_mean(batch["acc"], device),
@@ -319,7 +362,8 @@ def main(argv=None):
             if cfg.overlong_filter:
                 loss_mask = loss_mask * (~batch["truncated"]).float().to(device)[:, None]
             t_score = time.time()
-            logp_old = score(model, batch, cfg.temperature, cfg.loss_impl)
+            with fsdp.unsharded(model):
+                logp_old = score(model, batch, cfg.temperature, cfg.loss_impl)
             logp_ref = score(ref, batch, cfg.temperature, cfg.loss_impl) if ref is not None else None
             row["score_seconds"] = time.time() - t_score  # old / reference log-prob recompute
             row.update(update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device,
@@ -331,20 +375,24 @@ def main(argv=None):
                    elapsed=time.time() - t0)
         last = step == cfg.max_steps - 1
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-            if dist.is_main():
-                row["mcq_acc"] = eval_vlm(model, tokenizer, cfg.data, ["mcq"], limit=cfg.eval_limit, device=device,
-                                          max_new_tokens=cfg.eval_max_new_tokens)["mcq"]["accuracy"]
+            with fsdp.unsharded(model):
+                if dist.is_main():
+                    row["mcq_acc"] = eval_vlm(model, tokenizer, cfg.data, ["mcq"], limit=cfg.eval_limit, device=device,
+                                              max_new_tokens=cfg.eval_max_new_tokens)["mcq"]["accuracy"]
             model.train()
         log.write(**row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.3f}", len=f"{row['response_length']:.0f}")
         if training.snapshot_due(cfg, step):
-            training.save_snapshot(cfg, step, model, tokenizer, to_dict(cfg), optimizer, skipped_steps)
+            training.save_snapshot(cfg, step, model, tokenizer, to_dict(cfg), optimizer, skipped_steps,
+                                   data=questions if cfg.stream else None)
         dist.barrier()
+    bad += stream.total_bad(questions, device) if cfg.stream else 0
+    training.save_final(cfg.out_dir, model, tokenizer, to_dict(cfg))
     if dist.is_main():
-        checkpoint.save_model(cfg.out_dir, model, tokenizer, to_dict(cfg))
         training.print0(f"[rl] done in {time.time() - t0:.0f}s ({cfg.algo}): last-step reward {row.get('reward', float('nan')):.3f}, "
                         f"train accuracy {row.get('accuracy', float('nan')):.3f}, held-out MCQ ({cfg.eval_limit} items) "
-                        f"{row.get('mcq_acc', float('nan')):.3f}, skipped steps {skipped_steps} -> {cfg.out_dir}")
+                        f"{row.get('mcq_acc', float('nan')):.3f}, skipped steps {skipped_steps}, skipped samples {bad} "
+                        f"-> {cfg.out_dir}")
     dist.shutdown()
 
 

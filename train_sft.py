@@ -8,18 +8,25 @@ conversation is held out for the validation loss.
 
     python train_sft.py --preset toy --init out/pretrain --out_dir out/sft
     torchrun --nproc_per_node=8 train_sft.py --preset small --init out/pretrain
+    torchrun --nproc_per_node=8 train_sft.py --preset base --init out/pretrain --stream --fsdp
     python train_sft.py --help
+
+--stream reads the conversations by seek, one at a time (nanopatho/stream.py), images decoded in
+--num_workers processes; the held-out rows are every val_every-th line of the manifest (without
+--stream: every val_every-th conversation that parsed), of which the first eval_batches * batch_size
+* world are read for the validation loss.
 """
 
 import dataclasses
 import os
 
+import numpy as np
 import torch
 
-from nanopatho import checkpoint, dist, training
+from nanopatho import checkpoint, dist, stream, training
 from nanopatho.config import field, parse_config, to_dict
-from nanopatho.data import DataError, load_conversations, preload_images
-from nanopatho.next_token import Examples, TrainConfig, mix_text, reading_seqs, train
+from nanopatho.data import DataError, image_tensor, load_conversations, preload_images
+from nanopatho.next_token import Examples, TrainConfig, collate_rows, mix_text, reading_seqs, train
 from nanopatho.presets import count_params
 
 
@@ -39,13 +46,29 @@ PRESETS = {
 }
 
 
-def conversation_examples(cfg, tokenizer, n_image_tokens, image_size):
-    """Render every conversation to (ids, assistant-only loss mask); split off validation rows."""
-    path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
-    convs, skipped = load_conversations(path, skip_bad=cfg.skip_bad_samples, allow_outside_root=cfg.allow_outside_root)
-    for c in convs:
-        if len(c["images"]) > 1:
-            raise DataError(f"{c['source']}: {len(c['images'])} images; one image per conversation is supported")
+def render(cfg, tokenizer, conv, n_image_tokens):
+    """A conversation -> (ids, assistant-only loss mask), its reply's tail cut at --max_seq_len."""
+    if len(conv["images"]) > 1:
+        raise DataError(f"{conv['source']}: {len(conv['images'])} images; one image per conversation is supported")
+    ids, mask = tokenizer.render_chat(conv["messages"], n_image_tokens)
+    if len(ids) > cfg.max_seq_len:  # keep the prompt, cut the reply's tail
+        ids, mask = ids[: cfg.max_seq_len], mask[: cfg.max_seq_len]
+        if ids.count(tokenizer.image_id) != n_image_tokens * len(conv["images"]):
+            raise DataError(f"{conv['source']}: --max_seq_len {cfg.max_seq_len} cuts into the image tokens")
+    return ids, mask
+
+
+def held_out(cfg, n):
+    return bool(cfg.val_every) and n % cfg.val_every == cfg.val_every - 1
+
+
+def conversation_examples(cfg, tokenizer, n_image_tokens, image_size, convs=None):
+    """Render every conversation to (ids, assistant-only loss mask); split off validation rows.
+    convs: these conversations, all held out (--stream's validation rows), instead of the manifest's."""
+    skipped, val_only = 0, convs is not None
+    if convs is None:
+        path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
+        convs, skipped = load_conversations(path, skip_bad=cfg.skip_bad_samples, allow_outside_root=cfg.allow_outside_root)
     with_image = [{"image": c["images"][0], "source": c["source"]} for c in convs if c["images"]]
     images, kept, bad = preload_images(with_image, image_size, skip_bad=cfg.skip_bad_samples, desc="sft images")
     slot = {item["source"]: i for i, item in enumerate(kept)}
@@ -53,15 +76,46 @@ def conversation_examples(cfg, tokenizer, n_image_tokens, image_size):
     for n, c in enumerate(convs):
         if c["images"] and c["source"] not in slot:
             continue  # its image was bad and skipped
-        ids, mask = tokenizer.render_chat(c["messages"], n_image_tokens)
-        if len(ids) > cfg.max_seq_len:  # keep the prompt, cut the reply's tail
-            ids, mask = ids[: cfg.max_seq_len], mask[: cfg.max_seq_len]
-            if ids.count(tokenizer.image_id) != n_image_tokens * len(c["images"]):
-                raise DataError(f"{c['source']}: --max_seq_len {cfg.max_seq_len} cuts into the image tokens")
-        rows = val_rows if cfg.val_every and n % cfg.val_every == cfg.val_every - 1 else train_rows
-        rows[0].append((ids, mask))
+        rows = val_rows if val_only or held_out(cfg, n) else train_rows
+        rows[0].append(render(cfg, tokenizer, c, n_image_tokens))
         rows[1].append(slot.get(c["source"], -1))
     return Examples(train_rows[0], train_rows[1], images), Examples(val_rows[0], val_rows[1], images), skipped + bad
+
+
+class ConversationPlan:
+    """--stream: a conversation -> (ids, loss mask, uint8 image or None) in a worker; batches collated
+    as the preloaded path's (same augmentation generators)."""
+
+    def __init__(self, cfg, tokenizer, n_image_tokens, image_size):
+        self.cfg, self.tokenizer, self.n_image_tokens, self.image_size = cfg, tokenizer, n_image_tokens, image_size
+        self.rank = dist.rank()
+
+    def rows(self, k):
+        return self.cfg.batch_size
+
+    def sample(self, conv):
+        seq = render(self.cfg, self.tokenizer, conv, self.n_image_tokens)
+        return seq, image_tensor(conv["images"][0], conv["source"], self.image_size) if conv["images"] else None
+
+    def collate(self, samples, k):
+        step, micro = divmod(k, self.cfg.grad_accum)
+        gen = training.generator_for(self.cfg.seed, step, micro, self.rank)
+        images = [image for _, image in samples if image is not None]
+        return collate_rows([seq for seq, _ in samples], torch.stack(images) if images else None,
+                            self.tokenizer.pad_id, gen, self.cfg.augment)
+
+
+def conversation_stream(cfg, tokenizer, n_image_tokens, image_size):
+    """--stream: (train Stream over the manifest's training lines, the first held-out rows as Examples, bad)."""
+    path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
+    source = stream.open_conversations(path, allow_outside_root=cfg.allow_outside_root)
+    is_val = np.array([held_out(cfg, n) for n in range(len(source))], dtype=bool)
+    n_val = cfg.eval_batches * cfg.batch_size * dist.world_size()  # all that validation_loss reads
+    val_convs, bad = stream.head(source.select(is_val), n_val, cfg.skip_bad_samples)
+    _, val_set, bad_images = conversation_examples(cfg, tokenizer, n_image_tokens, image_size, convs=val_convs)
+    train_set = stream.Stream(source.select(~is_val), ConversationPlan(cfg, tokenizer, n_image_tokens, image_size),
+                              seed=cfg.seed, num_workers=cfg.num_workers, skip_bad=cfg.skip_bad_samples)
+    return train_set, val_set, bad + bad_images
 
 
 def main(argv=None):
@@ -70,17 +124,21 @@ def main(argv=None):
         torch.set_num_threads(cfg.num_threads)
     device = training.setup(cfg.seed, cfg.device)
     model, _, tokenizer = checkpoint.load(cfg.init, expect="vlm")
-    train_set, val_set, bad = conversation_examples(cfg, tokenizer, model.n_image_tokens,
-                                                    model.config.vision.image_size)
+    examples = conversation_stream if cfg.stream else conversation_examples
+    train_set, val_set, bad = examples(cfg, tokenizer, model.n_image_tokens, model.config.vision.image_size)
     if cfg.reading_file:  # text-only reading rows, so SFT does not erase what stage 0 taught
+        if cfg.stream:
+            training.fail("--reading_file mixes into the preloaded conversations; it does not combine with --stream")
         path = cfg.reading_file if os.path.isabs(cfg.reading_file) else os.path.join(cfg.data, cfg.reading_file)
         train_set = mix_text(train_set, reading_seqs(tokenizer, path, cfg.max_seq_len), cfg.reading_ratio)
     if cfg.freeze_vision:
         model.freeze_vision()
-    training.print0(f"[sft] {len(train_set)} train / {len(val_set)} val conversations from {cfg.init}; "
+    n_train = f"{len(train_set.source)} streamed" if cfg.stream else len(train_set)
+    training.print0(f"[sft] {n_train} train / {len(val_set)} val conversations from {cfg.init}; "
                     f"skipped bad samples: {bad}; params: {count_params(model)}")
     model.to(device)
     summary = train(cfg, model, tokenizer, train_set, val_set, to_dict(cfg), stage="sft")
+    bad += summary["bad_samples"]
     training.print0(f"[sft] done in {summary['seconds']:.0f}s: val loss {summary['final_val_loss']:.3f}, "
                     f"skipped steps {summary['skipped_steps']}, skipped samples {bad} -> {cfg.out_dir}")
     dist.shutdown()

@@ -45,11 +45,11 @@ class CheckpointError(RuntimeError):
 
 
 def model_type_of(model):
-    name = type(unwrap(model)).__name__
+    names = [c.__name__ for c in type(unwrap(model)).__mro__]  # FSDP2 makes the class FSDPVLM(FSDPModule, VLM)
     for kind, (_, cls_name, _) in MODEL_CLASSES.items():
-        if cls_name == name:
+        if cls_name in names:
             return kind
-    raise CheckpointError(f"no model_type registered for class {name}")
+    raise CheckpointError(f"no model_type registered for class {names[0]}")
 
 
 def unwrap(model):
@@ -78,12 +78,13 @@ def _read_json(path):
         raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def _write_files(directory, model, tokenizer, run_config):
-    """config.json + model.safetensors + tokenizer.json into `directory`, each file atomically."""
+def _write_files(directory, model, tokenizer, run_config, state=None):
+    """config.json + model.safetensors + tokenizer.json into `directory`, each file atomically.
+    `state`: the weights to write, when they are not model.state_dict() (FSDP: fsdp.full_state)."""
     os.makedirs(directory, exist_ok=True)
     model = unwrap(model)
     config = {"model_type": model_type_of(model), "model": model.config.to_dict(), "run": run_config or {}}
-    state = untied_state(model)
+    state = untied_state(model) if state is None else state
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"refusing to save non-finite weights ({name})")
@@ -109,18 +110,13 @@ def untied_state(model):
 
 
 def tied_names(model):
-    """Names of state_dict entries that share storage with an earlier entry."""
-    seen, tied = set(), set()
-    for k, v in model.state_dict().items():
-        if v.data_ptr() in seen:
-            tied.add(k)
-        seen.add(v.data_ptr())
-    return tied
+    """Names of parameters that are an earlier name's tensor (tied weights)."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
 
 
-def save_model(directory, model, tokenizer, run_config=None):
+def save_model(directory, model, tokenizer, run_config=None, state=None):
     """The stage's final model, readable by `load` and by the next stage."""
-    _write_files(directory, model, tokenizer, run_config)
+    _write_files(directory, model, tokenizer, run_config, state)
 
 
 def build_model(config):
@@ -135,7 +131,18 @@ def build_model(config):
 
 
 def load_state(model, path):
-    """Load safetensors weights into `model`, with a clear message when they do not fit."""
+    """Load safetensors weights into `model` (FSDP-sharded or not), with a clear message when they do not fit."""
+    from nanopatho import fsdp  # here, not at the top: fsdp imports this module
+
+    state = checked_state(model, path)
+    if fsdp.is_sharded(model):
+        fsdp.load_full_state(model, state)
+    else:
+        model.load_state_dict(state, strict=False)  # only tied duplicates can be absent (checked_state)
+
+
+def checked_state(model, path):
+    """The safetensors weights at `path`, checked against `model`'s names and shapes."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: missing")
     state = load_file(path)
@@ -153,7 +160,7 @@ def load_state(model, path):
             k = wrong[0]
             detail.append(f"shape of {k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}")
         raise CheckpointError(f"{path}: weights do not match config.json ({'; '.join(detail)})")
-    model.load_state_dict(state, strict=False)  # only tied duplicates can be absent (checked above)
+    return state
 
 
 def load(directory, device="cpu", expect=None):
@@ -202,9 +209,8 @@ def set_rng_state(tensors, json_state):
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def _optimizer_tensors(optimizer):
-    """Flatten optimizer state into name -> tensor plus the JSON-able rest."""
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd):
+    """Flatten an optimizer state dict into name -> tensor plus the JSON-able rest."""
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for key, value in st.items():
@@ -215,7 +221,8 @@ def _optimizer_tensors(optimizer):
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer, tensors, meta):
+def _optimizer_state_dict(tensors, meta):
+    """_optimizer_tensors' inverse."""
     state = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
@@ -224,19 +231,22 @@ def _restore_optimizer(optimizer, tensors, meta):
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(out_dir, step, model, tokenizer, run_config, optimizer, state, keep=3):
+def save_checkpoint(out_dir, step, model, tokenizer, run_config, optimizer, state, keep=3, model_state=None,
+                    optimizer_state=None):
     """Atomic snapshot `out_dir/checkpoints/step_{step}`; keeps the newest `keep` of them.
 
-    `state` is the loop's JSON-able progress (step, data position, counters, ...)."""
+    `state` is the loop's JSON-able progress (step, data position, counters, ...). model_state /
+    optimizer_state: the tensors to write when they are not the model's / optimizer's own state dicts
+    (FSDP: gathered by fsdp.full_state / fsdp.full_optimizer_state)."""
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}")
     shutil.rmtree(tmp, ignore_errors=True)
-    _write_files(tmp, model, tokenizer, run_config)
-    tensors, optim_meta = _optimizer_tensors(optimizer)
+    _write_files(tmp, model, tokenizer, run_config, model_state)
+    tensors, optim_meta = _optimizer_tensors(optimizer.state_dict() if optimizer_state is None else optimizer_state)
     rng_tensors, rng_json = rng_state()
     save_file({**tensors, **rng_tensors}, os.path.join(tmp, "train_state.safetensors"))
     pause, _, at_step = os.environ.get("NANOPATHO_TEST_PAUSE_IN_SAVE", "0").partition("@")  # "seconds[@step]"
@@ -268,9 +278,16 @@ def latest_checkpoint(out_dir):
 
 def load_train_state(path, model, optimizer):
     """Restore weights, optimizer and RNGs from a snapshot; return the loop's saved `state`."""
-    load_state(unwrap(model), os.path.join(path, "model.safetensors"))
+    from nanopatho import fsdp  # here, not at the top: fsdp imports this module
+
+    model = unwrap(model)
+    load_state(model, os.path.join(path, "model.safetensors"))
     meta = _read_json(os.path.join(path, "train_state.json"))
     tensors = load_file(os.path.join(path, "train_state.safetensors"))
-    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    optimizer_state = _optimizer_state_dict(tensors, meta["optimizer"])
+    if fsdp.is_sharded(model):
+        fsdp.load_full_optimizer_state(model, optimizer, optimizer_state)
+    else:
+        optimizer.load_state_dict(optimizer_state)
     set_rng_state(tensors, meta["rng"])
     return meta["state"]

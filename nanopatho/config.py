@@ -93,4 +93,12 @@ class RunConfig:
     skip_bad_samples: bool = field(False, "skip (and count) bad samples instead of stopping")
     allow_outside_root: bool = field(False, "allow manifest paths outside the data directory")
     num_threads: int = field(0, "torch CPU threads (0 = torch default)")
+    stream: bool = field(False, "read the training manifest sample by sample, images decoded in --num_workers "
+                                "processes (corpora larger than memory); off: decode every image into memory first")
+    num_workers: int = field(2, "--stream: DataLoader worker processes reading and decoding samples (0 = in the "
+                                "main process); resuming bitwise needs the same number")
+    shuffle_buffer: int = field(1000, "--stream with WebDataset shards: samples in each worker's shuffle buffer "
+                                      "(sample locations, not bytes: no memory cost)")
+    fsdp: bool = field(False, "under torchrun, shard parameters, gradients and optimizer state over the ranks "
+                              "with FSDP2 (fully_shard) instead of replicating them with DDP")
     debug_nan_step: int = field(-1, "testing: make the loss NaN at this optimizer step (-1 = never)")

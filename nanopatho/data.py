@@ -22,7 +22,9 @@ keys, empty text, image existence and that image paths stay inside the data root
 the manifest's directory; allow_outside_root=True lifts that). Image decoding (zero-byte,
 truncated, non-image, decompression-bomb-sized) is checked in load_image / preload_images.
 With skip_bad=True a bad sample is skipped and counted instead; whole-file problems (missing
-manifest, missing CSV column, unreadable tar) always raise.
+manifest, missing CSV column, unreadable tar) always raise. Files exported by Windows tools load:
+a UTF-8 byte-order mark at the start of a JSONL / JSON / CSV file is dropped, and CRLF line ends
+are whitespace. nanopatho/stream.py reads the same formats sample by sample (--stream).
 """
 
 import csv
@@ -46,6 +48,7 @@ MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels (8192 x 8192): larger images are refus
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
 ROLE_NAMES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 N_SKIP_MESSAGES = 5  # skip_bad prints the first few reasons so a user sees what is wrong
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows tools write at the start of a text file
 
 
 class DataError(ValueError):
@@ -71,17 +74,17 @@ def _skip_or_raise(rows, parse, skip_bad):
     return items, n_skipped
 
 
-def _check_file(path):
+def check_file(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
 
 
 def _json_rows(path):
     """(source, raw) for a .jsonl (raw = the line's bytes) or a .json array (raw = the object)."""
-    _check_file(path)
+    check_file(path)
     if str(path).endswith(".json"):
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped
                 data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: malformed JSON ({str(e).splitlines()[0]})") from None
@@ -91,6 +94,7 @@ def _json_rows(path):
         return
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
+            line = line.removeprefix(BOM) if lineno == 1 else line
             if line.strip():
                 yield f"{path}:{lineno}", line
 
@@ -121,7 +125,8 @@ def _text(source, obj, key):
     return value
 
 
-def _data_root(path, root):
+def data_root(path, root):
+    """The directory manifest image paths are relative to (default: the manifest's own)."""
     if root is None:
         root = os.path.dirname(os.path.abspath(path))
     return os.path.abspath(root)
@@ -144,8 +149,8 @@ def _image_path(source, rel, root, allow_outside_root):
 
 
 def _csv_rows(path, img_key, caption_key, sep):
-    _check_file(path)
-    with open(path, newline="", encoding="utf-8") as f:
+    check_file(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped
         reader = csv.DictReader(f, delimiter=sep)
         try:
             columns = reader.fieldnames or []
@@ -160,7 +165,7 @@ def _csv_rows(path, img_key, caption_key, sep):
 
 def _tar_rows(path):
     """(source "shard.tar:key", {extension: bytes}) per WebDataset sample, in shard order."""
-    _check_file(path)
+    check_file(path)
     samples = {}
     try:
         with tarfile.open(path) as tar:
@@ -178,7 +183,8 @@ def _tar_rows(path):
     yield from ((f"{path}:{key}", parts) for key, parts in samples.items())
 
 
-def _tar_pair(source, parts):
+def tar_pair(source, parts):
+    """One WebDataset sample {extension: bytes} -> {"image": bytes, "caption", "source"}, or DataError."""
     image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
     if image is None:
         raise DataError(f"{source}: missing image (.jpg/.png) for this key")
@@ -195,7 +201,7 @@ def _tar_pair(source, parts):
     return {"image": image, "caption": _text(source, text, "caption").strip(), "source": source}
 
 
-def _shards(path):
+def shards(path):
     """A directory, a .tar, or a list/tuple of .tar -> list of shard paths."""
     if isinstance(path, (list, tuple)):
         return [os.fspath(p) for p in path]
@@ -207,27 +213,31 @@ def _shards(path):
     return [path]
 
 
+def json_pair(source, raw, root, allow_outside_root):
+    """A JSONL line / JSON object / CSV row dict -> {"image": abs path, "caption", "source"}, or DataError."""
+    obj = _json_object(source, raw)
+    caption = _text(source, obj, "caption").strip()
+    if obj.get("image") is None:
+        raise DataError(f"{source}: missing key 'image'")
+    return {"image": _image_path(source, obj["image"], root, allow_outside_root), "caption": caption, "source": source}
+
+
+def is_tar(path):
+    return isinstance(path, (list, tuple)) or os.path.isdir(path) or str(path).endswith(".tar")
+
+
 def load_pairs(path, *, root=None, skip_bad=False, allow_outside_root=False,
                csv_img_key="filepath", csv_caption_key="title", csv_sep=","):
     """Image-text pairs -> ([{"image": abs path | bytes, "caption", "source"}], n_skipped)."""
-    is_tar = isinstance(path, (list, tuple)) or os.path.isdir(path) or str(path).endswith(".tar")
-    if is_tar:
+    if is_tar(path):
         items, n_skipped = [], 0
-        for shard in _shards(path):
-            shard_items, shard_skipped = _skip_or_raise(_tar_rows(shard), _tar_pair, skip_bad)
+        for shard in shards(path):
+            shard_items, shard_skipped = _skip_or_raise(_tar_rows(shard), tar_pair, skip_bad)
             items += shard_items
             n_skipped += shard_skipped
         return items, n_skipped
     path = os.fspath(path)
-    root = _data_root(path, root)
-
-    def parse(source, raw):
-        obj = _json_object(source, raw)
-        caption = _text(source, obj, "caption").strip()
-        if obj.get("image") is None:
-            raise DataError(f"{source}: missing key 'image'")
-        return {"image": _image_path(source, obj["image"], root, allow_outside_root), "caption": caption, "source": source}
-
+    root = data_root(path, root)
     if path.endswith((".csv", ".tsv")):
         sep = "\t" if path.endswith(".tsv") else csv_sep
         rows = _csv_rows(path, csv_img_key, csv_caption_key, sep)
@@ -235,7 +245,7 @@ def load_pairs(path, *, root=None, skip_bad=False, allow_outside_root=False,
         rows = _json_rows(path)
     else:
         raise DataError(f"{path}: unsupported pairs format (use .jsonl, .json, .csv, .tsv, .tar or a directory of .tar)")
-    return _skip_or_raise(rows, parse, skip_bad)
+    return _skip_or_raise(rows, lambda source, raw: json_pair(source, raw, root, allow_outside_root), skip_bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,38 +286,42 @@ def _conversation(source, obj, root, allow_outside_root):
     return {"messages": messages, "images": images, "source": source}
 
 
+def conversation(source, raw, root, allow_outside_root):
+    """A JSONL line or JSON object -> {"messages", "images": [abs paths], "source"}, or DataError."""
+    return _conversation(source, _json_object(source, raw), root, allow_outside_root)
+
+
 def load_conversations(path, *, root=None, skip_bad=False, allow_outside_root=False):
     """Conversations -> ([{"messages": [{"role", "content"}], "images": [abs paths], "source"}], n_skipped)."""
     path = os.fspath(path)
-    root = _data_root(path, root)
+    root = data_root(path, root)
+    return _skip_or_raise(_json_rows(path), lambda source, raw: conversation(source, raw, root, allow_outside_root),
+                          skip_bad)
 
-    def parse(source, raw):
-        return _conversation(source, _json_object(source, raw), root, allow_outside_root)
 
-    return _skip_or_raise(_json_rows(path), parse, skip_bad)
+def record(source, raw, required, root, allow_outside_root, image_key="image"):
+    """A JSONL line or JSON object with the required keys -> dict with obj[image_key] absolute + "source"."""
+    obj = dict(_json_object(source, raw))
+    for key in required:
+        if obj.get(key) is None:
+            raise DataError(f"{source}: missing key '{key}'")
+        if isinstance(obj[key], str):
+            _text(source, obj, key)
+    image = obj.get(image_key)
+    if isinstance(image, list):
+        obj[image_key] = [_image_path(source, p, root, allow_outside_root) for p in image]
+    elif image is not None:
+        obj[image_key] = _image_path(source, image, root, allow_outside_root)
+    obj["source"] = source
+    return obj
 
 
 def load_records(path, required, *, root=None, skip_bad=False, allow_outside_root=False, image_key="image"):
     """JSON objects with the required keys (non-empty if text); obj[image_key] made absolute; + "source"."""
     path = os.fspath(path)
-    root = _data_root(path, root)
-
-    def parse(source, raw):
-        obj = dict(_json_object(source, raw))
-        for key in required:
-            if obj.get(key) is None:
-                raise DataError(f"{source}: missing key '{key}'")
-            if isinstance(obj[key], str):
-                _text(source, obj, key)
-        image = obj.get(image_key)
-        if isinstance(image, list):
-            obj[image_key] = [_image_path(source, p, root, allow_outside_root) for p in image]
-        elif image is not None:
-            obj[image_key] = _image_path(source, image, root, allow_outside_root)
-        obj["source"] = source
-        return obj
-
-    return _skip_or_raise(_json_rows(path), parse, skip_bad)
+    root = data_root(path, root)
+    return _skip_or_raise(_json_rows(path), lambda source, raw: record(source, raw, required, root, allow_outside_root,
+                                                                       image_key), skip_bad)
 
 
 # ---------------------------------------------------------------------------------------------

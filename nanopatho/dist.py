@@ -78,6 +78,15 @@ def all_reduce_max(x):
     return x
 
 
+def all_gather_object(obj):
+    """[rank 0's obj, rank 1's obj, ...] on every rank (any picklable object); [obj] in one process."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src=0):
     if not is_dist():
         return obj

@@ -4,6 +4,11 @@ with the loss only where a loss mask is on.
 
     examples = Examples(seqs=[(ids, loss_mask), ...], image_index=[i or -1, ...], images=uint8 (N,3,S,S))
     train(cfg, model, tokenizer, train_examples, val_examples, run_config)
+    train(cfg, model, tokenizer, stream.Stream(source, plan, ...), val_examples, run_config)   # --stream
+
+The training data is either preloaded Examples, batched here by training.batch_indices, or a
+stream.Stream whose workers read, decode and collate samples (nanopatho/stream.py); both make
+their batches with `collate_rows`, and the loop sees the same thing: one micro-batch after another.
 
 One optimizer step = cfg.batch_size sequences x cfg.grad_accum micro-steps x world ranks.
 The summed token loss of every micro-batch is divided by the number of target tokens in
@@ -17,7 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanopatho import checkpoint, dist, training
+from nanopatho import dist, fsdp, stream, training
 from nanopatho.config import RunConfig, field
 from nanopatho.data import augment, collate_lm, load_conversations, to_float
 
@@ -66,18 +71,38 @@ def reading_seqs(tokenizer, path, max_seq_len):
     return [(ids[:max_seq_len], mask[:max_seq_len]) for ids, mask in seqs]
 
 
+def collate_rows(seqs, images, pad_id, generator, train_aug):
+    """[(ids, loss_mask)] and the uint8 images (n_img, 3, S, S) of the rows that have one, in row order
+    (None: no image) -> model inputs on the CPU. The preloaded and the streaming path both use it."""
+    batch = collate_lm(seqs, pad_id)
+    batch["pixel_values"] = None
+    if images is not None and len(images):
+        batch["pixel_values"] = augment(images, generator) if train_aug else to_float(images)  # (n_img, 3, S, S)
+    return batch
+
+
+def to_device(batch, device):
+    return {k: None if v is None else v.to(device) for k, v in batch.items()}
+
+
 def make_batch(examples, indices, pad_id, generator, train_aug, device):
     """Collate rows `indices` into model inputs; images in the order of their rows."""
-    batch = collate_lm([examples.seqs[i] for i in indices], pad_id)
     rows = [examples.image_index[i] for i in indices if examples.image_index[i] >= 0]
-    pixels = None
-    if rows:
-        raw = examples.images[rows]  # (n_img, 3, S, S) uint8
-        pixels = augment(raw, generator) if train_aug else to_float(raw)
-        pixels = pixels.to(device)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    batch["pixel_values"] = pixels
-    return batch
+    batch = collate_rows([examples.seqs[i] for i in indices], examples.images[rows] if rows else None, pad_id,
+                         generator, train_aug)
+    return to_device(batch, device)
+
+
+def preloaded(examples, cfg, pad_id, sampler=None):
+    """Examples behind the stream interface: micro-batch k = step * grad_accum + micro. `sampler(step, micro)`
+    returns its row indices (stage 0's curriculum); by default a fresh shuffle of all rows each epoch."""
+    def make(k):
+        step, micro = divmod(k, cfg.grad_accum)
+        idx = sampler(step, micro) if sampler else \
+            training.batch_indices(len(examples), cfg.batch_size, k, cfg.seed, dist.rank(), dist.world_size())
+        gen = training.generator_for(cfg.seed, step, micro, dist.rank())
+        return make_batch(examples, idx, pad_id, gen, cfg.augment, "cpu")
+    return stream.InMemory(make, cfg.grad_accum)
 
 
 def batch_loss_sum(model, batch):
@@ -105,6 +130,7 @@ def accumulate_gradients(model, batches, device, poison=False):
     for micro, batch in enumerate(batches):
         with training.no_sync_unless(model, micro == len(batches) - 1), training.autocast(device):
             loss_sum, _ = batch_loss_sum(model, batch)
+            loss_sum = loss_sum + fsdp.unused_vision_zero(model, batch["pixel_values"] is not None, device)
             loss = loss_sum * dist.world_size() / n_global  # this micro-batch's share of the global mean
             loss = loss * float("nan") if poison else loss
             loss.backward()
@@ -120,49 +146,40 @@ def validation_loss(model, examples, cfg, pad_id, device):
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     n = min(len(examples), cfg.eval_batches * cfg.batch_size * dist.world_size())
     mine = list(range(dist.rank(), n, dist.world_size()))
-    for start in range(0, len(mine), cfg.batch_size):
-        batch = make_batch(examples, mine[start:start + cfg.batch_size], pad_id, None, False, device)
-        with training.autocast(device):
-            loss_sum, n_tokens = batch_loss_sum(model, batch)
-        total += loss_sum.float()
-        count += n_tokens
+    with fsdp.unsharded(model):  # ranks may hold different numbers of batches
+        for start in range(0, len(mine), cfg.batch_size):
+            batch = make_batch(examples, mine[start:start + cfg.batch_size], pad_id, None, False, device)
+            with training.autocast(device):
+                loss_sum, n_tokens = batch_loss_sum(model, batch)
+            total += loss_sum.float()
+            count += n_tokens
     model.train()
     dist.all_reduce_sum(total)
     dist.all_reduce_sum(count)
     return (total / count.clamp(min=1)).item()
 
 
-def uniform_sampler(cfg, n_rows):
-    """The default batch order: a fresh shuffle of all rows each epoch, split across ranks."""
-    def sample(step, micro):
-        return training.batch_indices(n_rows, cfg.batch_size, step * cfg.grad_accum + micro,
-                                      cfg.seed, dist.rank(), dist.world_size())
-    return sample
-
-
 def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=None, stage="train", sampler=None,
           on_eval=None):
-    """Run the optimizer loop; returns a summary dict. `grad_filter(step, model)` may drop
-    gradients before the update (stage 1's projector-only alignment phase). `sampler(step, micro)`
-    returns the row indices of a micro-batch (stage 0's curriculum; default: uniform_sampler).
-    `on_eval(model)` -> {name: value} adds numbers to each evaluation's metrics row."""
+    """Run the optimizer loop; returns a summary dict. train_set: Examples or a stream.Stream.
+    `grad_filter(step, model)` may drop gradients before the update (stage 1's projector-only phase);
+    `sampler(step, micro)` picks preloaded rows (stage 0's curriculum); `on_eval(model)` -> {name: value}
+    adds numbers to each evaluation's metrics row (stage 0's reading probe)."""
     device = next(model.parameters()).device
-    text_only_rows = any(i < 0 for i in train_set.image_index)  # such a batch leaves the vision tower unused
-    ddp_model = training.wrap_ddp(model, device, find_unused_parameters=text_only_rows)
+    preloaded_set = isinstance(train_set, Examples)
+    # a text-only batch leaves the vision tower unused (a stream may hold such rows)
+    text_only_rows = any(i < 0 for i in train_set.image_index) if preloaded_set else True
+    ddp_model = training.wrap(model, device, cfg.fsdp, find_unused_parameters=text_only_rows)
     optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start_step, skipped_steps, resumed = training.resume(cfg, model, optimizer, stage)
+    data = preloaded(train_set, cfg, tokenizer.pad_id, sampler) if preloaded_set else train_set
+    start_step, skipped_steps, resumed = training.resume(cfg, model, optimizer, stage, data=data)
     log = training.MetricsLog(cfg.out_dir, resume_step=start_step if resumed else None)
     bar = tqdm(range(start_step, cfg.max_steps), desc=stage, disable=not dist.is_main(), dynamic_ncols=True)
     t0, val = time.time(), float("nan")
-    sampler = sampler or uniform_sampler(cfg, len(train_set))
     for step in bar:
         lr = training.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         training.set_lr(optimizer, lr)
-        batches = []
-        for micro in range(cfg.grad_accum):
-            idx = sampler(step, micro)
-            gen = training.generator_for(cfg.seed, step, micro, dist.rank())
-            batches.append(make_batch(train_set, idx, tokenizer.pad_id, gen, cfg.augment, device))
+        batches = [to_device(next(data), device) for _ in range(cfg.grad_accum)]
         step_loss, n_global = accumulate_gradients(ddp_model, batches, device, poison=step == cfg.debug_nan_step)
         if grad_filter is not None:
             grad_filter(step, model)
@@ -181,8 +198,9 @@ def train(cfg, model, tokenizer, train_set, val_set, run_config, grad_filter=Non
         log.write(**row)
         bar.set_postfix(loss=f"{loss_t:.3f}", val=f"{val:.3f}", lr=f"{lr:.1e}")
         if training.snapshot_due(cfg, step):
-            training.save_snapshot(cfg, step, model, tokenizer, run_config, optimizer, skipped_steps)
+            training.save_snapshot(cfg, step, model, tokenizer, run_config, optimizer, skipped_steps, data=data)
         dist.barrier()
-    if dist.is_main():
-        checkpoint.save_model(cfg.out_dir, model, tokenizer, run_config)
-    return {"final_val_loss": val, "skipped_steps": skipped_steps, "seconds": time.time() - t0}
+    data.close()
+    training.save_final(cfg.out_dir, model, tokenizer, run_config)
+    return {"final_val_loss": val, "skipped_steps": skipped_steps, "seconds": time.time() - t0,
+            "bad_samples": stream.total_bad(data, device)}

@@ -1,12 +1,14 @@
 """The training plumbing shared by all four scripts: one copy, small functions.
 
     device = setup(cfg.seed, cfg.device)                     # torchrun-aware, seeds every RNG
-    model = wrap_ddp(model, device)                           # DDP when launched by torchrun
+    model = wrap(model, device, cfg.fsdp)                     # DDP (or FSDP2 with --fsdp) under torchrun
     opt = make_optimizer(model, lr, weight_decay)             # AdamW, decay only on matrices
     lr = lr_at(step, total, peak, warmup)                     # linear warmup + cosine
     with no_sync_unless(model, last_micro_step): loss.backward()
     grad_norm, ok = optimizer_step(model, opt, grad_clip, on_nonfinite="skip")
     log = MetricsLog(out_dir); log.write(step=step, loss=...)
+    start, skipped, resumed = resume(cfg, model, opt, "sft", data=batches)   # --resume: weights, optimizer, data
+    save_snapshot(cfg, step, model, tok, run_config, opt, skipped, data=batches); save_final(out_dir, model, tok, cfg)
 
 Loss normalisation: every script divides its summed token loss by the number of
 target tokens in the whole optimizer step, counted across micro-batches *and* ranks
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanopatho import checkpoint, dist
+from nanopatho import checkpoint, dist, fsdp
 from nanopatho.checkpoint import CheckpointError
 from nanopatho.data import DataError
 
@@ -76,9 +78,18 @@ def wrap_ddp(model, device, find_unused_parameters=False):
                find_unused_parameters=find_unused_parameters)
 
 
+def wrap(model, device, use_fsdp=False, find_unused_parameters=False):
+    """Under torchrun: FSDP2 in place with use_fsdp (nanopatho/fsdp.py), else DDP; the bare model otherwise."""
+    if use_fsdp and dist.is_dist():
+        return fsdp.shard(model, device)
+    return wrap_ddp(model, device, find_unused_parameters)
+
+
 def no_sync_unless(model, sync):
-    """Skip DDP's gradient all-reduce on accumulation micro-steps (sync only on the last)."""
-    if isinstance(model, DDP) and not sync:
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) on accumulation micro-steps (sync only on the last)."""
+    if fsdp.is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+    elif isinstance(model, DDP) and not sync:
         return model.no_sync()
     return contextlib.nullcontext()
 
@@ -127,6 +138,8 @@ def optimizer_step(model, optimizer, grad_clip, on_nonfinite="skip"):
     step where it happens: with on_nonfinite="skip" the update is dropped (gradients
     zeroed, the caller counts it); with "stop" the run ends with a clear message.
     All ranks see the same all-reduced gradients, so they all take the same decision."""
+    if fsdp.is_sharded(model):
+        fsdp.average_unsharded_grads(model)
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
@@ -185,27 +198,45 @@ def batch_indices(n, batch_size, step, seed, rank=0, world=1):
     return out[rank * batch_size:(rank + 1) * batch_size]
 
 
-def resume(cfg, model, optimizer, stage):
-    """With --resume, restore the newest complete snapshot in cfg.out_dir (weights, optimizer,
-    RNGs). Returns (first step to run, skipped steps so far, whether a snapshot was loaded)."""
+def resume(cfg, model, optimizer, stage, data=None):
+    """With --resume, restore the newest complete snapshot in cfg.out_dir (weights, optimizer, RNGs, and
+    the position of `data`, a stream.Stream / InMemory). Returns (first step to run, skipped steps so far,
+    whether a snapshot was loaded)."""
     snapshot = checkpoint.latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if snapshot is None:
         return 0, 0, False
     state = checkpoint.load_train_state(snapshot, model, optimizer)
+    if data is not None:
+        saved = state.get("data")  # one entry per rank
+        data.resume_at(saved[min(dist.rank(), len(saved) - 1)] if saved else None, state["step"])
     print0(f"[{stage}] resumed from {snapshot} at step {state['step']}")
     return state["step"], state["skipped_steps"], True
 
 
 def snapshot_due(cfg, step):
     """Whether a resumable snapshot is written after 0-based `step` (never after the last one:
-    the final model is saved then) — on rank 0 only."""
+    the final model is saved then). The same answer on every rank: saving is collective."""
     done = step + 1
-    return bool(cfg.save_every) and done % cfg.save_every == 0 and done < cfg.max_steps and dist.is_main()
+    return bool(cfg.save_every) and done % cfg.save_every == 0 and done < cfg.max_steps
 
 
-def save_snapshot(cfg, step, model, tokenizer, run_config, optimizer, skipped_steps):
-    checkpoint.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, run_config, optimizer,
-                               {"step": step + 1, "skipped_steps": skipped_steps}, keep=cfg.keep_checkpoints)
+def save_snapshot(cfg, step, model, tokenizer, run_config, optimizer, skipped_steps, data=None):
+    """Every rank calls this (it gathers FSDP shards and each rank's data position); rank 0 writes."""
+    state = {"step": step + 1, "skipped_steps": skipped_steps}
+    if data is not None and data.state() is not None:
+        state["data"] = dist.all_gather_object(data.state())
+    model_state = fsdp.full_state(model) if fsdp.is_sharded(model) else None
+    optimizer_state = fsdp.full_optimizer_state(model, optimizer) if fsdp.is_sharded(model) else None
+    if dist.is_main():
+        checkpoint.save_checkpoint(cfg.out_dir, step + 1, model, tokenizer, run_config, optimizer, state,
+                                   keep=cfg.keep_checkpoints, model_state=model_state, optimizer_state=optimizer_state)
+
+
+def save_final(out_dir, model, tokenizer, run_config):
+    """The stage's final model (checkpoint.save_model) from rank 0; every rank calls this (FSDP gathers)."""
+    state = fsdp.full_state(model) if fsdp.is_sharded(model) else None
+    if dist.is_main():
+        checkpoint.save_model(out_dir, model, tokenizer, run_config, state=state)
 
 
 def print0(*args, **kwargs):

@@ -78,6 +78,8 @@ class Config(RunConfig):
     w_acc: float = field(0.9, "reward weight of the accuracy check")
     entropy_coef: float = field(0.0, "entropy bonus (0 = only logged)")
     loss_impl: str = field("auto", "policy-loss implementation: auto (Triton on CUDA) | torch | triton")
+    share_prefix: bool = field(True, "encode each group's image and prompt once in rollout, scoring and update "
+                                     "(false: every row runs its own copy; same results, for benchmarks and tests)")
     eval_every: int = field(20, "held-out MCQ accuracy every N steps, logged only (0 = only at the end)")
     eval_limit: int = field(100, "MCQ items used by the periodic evaluation")
     eval_max_new_tokens: int = field(128, "generation budget of the periodic evaluation (greedy)")
@@ -114,14 +116,12 @@ def apply_algo_defaults(cfg):
 # -----------------------------------------------------------------------------
 # rollout
 
-def prompt_batch(tokenizer, model, items, images, indices, group_size, device):
-    """Left-padded chat prompts, each repeated G times, and their images."""
+def prompt_batch(tokenizer, model, items, images, indices, device):
+    """Left-padded chat prompts (P, Tp) and their images (P, 3, S, S), one per prompt."""
     prompts = [tokenizer.render_prompt(format_question(items[i]["question"], items[i].get("options")),
                                        model.n_image_tokens) for i in indices]
     ids, mask = pad_sequences(prompts, tokenizer.pad_id, side="left")  # (P, Tp)
-    ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)  # (P*G, Tp)
-    pixels = to_float(images[indices]).repeat_interleave(group_size, 0)  # (P*G, 3, S, S)
-    return ids.to(device), mask.to(device), pixels.to(device)
+    return ids.to(device), mask.to(device), to_float(images[indices]).to(device)
 
 
 def completion_texts(tokenizer, ids, mask):
@@ -135,11 +135,17 @@ def completion_texts(tokenizer, ids, mask):
 def rollout(cfg, model, tokenizer, items, images, indices, gen, device):
     """Sample G completions for each prompt and score them. Returns a dict of tensors."""
     model.eval()
-    p_ids, p_mask, pixels = prompt_batch(tokenizer, model, items, images, indices, cfg.group_size, device)
+    p_ids, p_mask, pixels = prompt_batch(tokenizer, model, items, images, indices, device)  # (P, Tp), (P, 3, S, S)
+    G = cfg.group_size
+    if not cfg.share_prefix:  # every sample of a group encodes its own copy of the image and prompt
+        p_ids, p_mask, pixels = (t.repeat_interleave(G, 0) for t in (p_ids, p_mask, pixels))  # (P*G, ...)
     out = model.generate(p_ids, pixels, attention_mask=p_mask, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_p=cfg.top_p if cfg.top_p < 1 else None,
-                         stop_ids=(tokenizer.im_end_id, tokenizer.eos_id), pad_id=tokenizer.pad_id, generator=gen)
+                         stop_ids=(tokenizer.im_end_id, tokenizer.eos_id), pad_id=tokenizer.pad_id, generator=gen,
+                         samples_per_prompt=G if cfg.share_prefix else 1)
     model.train()
+    if cfg.share_prefix:  # the batch keeps one prompt row per completion row, whichever path made it
+        p_ids, p_mask, pixels = (t.repeat_interleave(G, 0) for t in (p_ids, p_mask, pixels))  # (P*G, ...)
     c_mask = out.mask  # (B, N) bool, B = P * G
     texts = completion_texts(tokenizer, out.ids, c_mask)
     answers = [(items[i]["answer"], items[i]["kind"]) for i in indices for _ in range(cfg.group_size)]
@@ -220,28 +226,40 @@ def collect(cfg, model, tokenizer, questions, step, device):
 # -----------------------------------------------------------------------------
 # scoring and update
 
-def completion_logits(model, batch, rows):
-    """Logits scoring each completion token: (b, N, V). Position t of the completion is
-    predicted from the sequence up to the token before it."""
-    ids = torch.cat([batch["prompt_ids"][rows], batch["ids"][rows]], 1)  # (b, Tp + N)
-    attn = torch.cat([batch["prompt_mask"][rows], batch["mask"][rows].long()], 1)
-    logits, _ = model(ids, batch["pixels"][rows], attention_mask=attn)  # (b, Tp + N, V)
-    tp, n = batch["prompt_ids"].shape[1], batch["ids"].shape[1]
-    return logits[:, tp - 1:tp + n - 1]
+def completion_logits(model, batch, rows, group_size=None):
+    """Logits scoring each completion token of batch rows `rows`: (b, N, V). Position t of the
+    completion is predicted from the prompt and the completion up to the token before it.
+
+    group_size G: rows g*G .. g*G+G-1 are one group, G completions of one image and prompt, which
+    the model then encodes once per group (nanopatho.shared_prefix; same logits, and in backward
+    the prompt's gradient is the sum over its completions). None: each row runs prompt + completion."""
+    if group_size is None:
+        ids = torch.cat([batch["prompt_ids"][rows], batch["ids"][rows]], 1)  # (b, Tp + N)
+        attn = torch.cat([batch["prompt_mask"][rows], batch["mask"][rows].long()], 1)
+        logits, _ = model(ids, batch["pixels"][rows], attention_mask=attn)  # (b, Tp + N, V)
+        tp, n = batch["prompt_ids"].shape[1], batch["ids"].shape[1]
+        return logits[:, tp - 1:tp + n - 1]
+    groups, prompt_of_row = torch.unique(rows // group_size, return_inverse=True)  # (u,), (b,)
+    first = groups * group_size  # the row standing for each group's prompt and image
+    logits, _ = model(batch["prompt_ids"][first], batch["pixels"][first], attention_mask=batch["prompt_mask"][first],
+                      continuations=(batch["ids"][rows], batch["mask"][rows], prompt_of_row.to(batch["ids"].device)))
+    return logits  # (b, N, V)
 
 
 @torch.no_grad()
-def score(model, batch, temperature, impl, chunk=16):
+def score(model, batch, temperature, impl, group_size=None, chunk=16):
     """Per-token log-probs of the sampled completions under `model`, without grad.
 
     Old log-probs are recomputed with the same forward the update uses rather than taken
     from the sampler: the KV-cache sampler runs other kernel shapes (and, on GPU, other
     precisions), so its numbers differ by rounding noise; a ratio that is not exactly 1
-    before any update would clip tokens for no reason."""
+    before any update would clip tokens for no reason. group_size: see completion_logits
+    (chunks then hold whole groups)."""
+    chunk = chunk if group_size is None else max(1, chunk // group_size) * group_size
     out = []
     for start in range(0, batch["ids"].shape[0], chunk):
         rows = torch.arange(start, min(start + chunk, batch["ids"].shape[0]))
-        logits = completion_logits(model, batch, rows)
+        logits = completion_logits(model, batch, rows, group_size)
         out.append(token_logprobs(logits, batch["ids"][rows], temperature=temperature, impl=impl))
     return torch.cat(out, 0)  # (B, N)
 
@@ -257,7 +275,7 @@ def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask,
             mask = loss_mask[rows]  # (b, N)
             n_global = training.global_count(int(mask.sum()), device)  # token-mean's denominator, all ranks
             seqs_global = training.global_count(len(rows), device)  # the seq-mean modes' denominator
-            logits = completion_logits(ddp_model, batch, rows)  # (b, N, V)
+            logits = completion_logits(ddp_model, batch, rows, cfg.group_size if cfg.share_prefix else None)  # (b, N, V)
             loss, stats = fused_policy_loss(
                 logits, batch["ids"][rows], logp_old[rows], adv[rows], mask, temperature=cfg.temperature,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, logp_ref=None if logp_ref is None else logp_ref[rows],
@@ -362,9 +380,10 @@ def main(argv=None):
             if cfg.overlong_filter:
                 loss_mask = loss_mask * (~batch["truncated"]).float().to(device)[:, None]
             t_score = time.time()
+            shared = cfg.group_size if cfg.share_prefix else None
             with fsdp.unsharded(model):
-                logp_old = score(model, batch, cfg.temperature, cfg.loss_impl)
-            logp_ref = score(ref, batch, cfg.temperature, cfg.loss_impl) if ref is not None else None
+                logp_old = score(model, batch, cfg.temperature, cfg.loss_impl, shared)
+            logp_ref = score(ref, batch, cfg.temperature, cfg.loss_impl, shared) if ref is not None else None
             row["score_seconds"] = time.time() - t_score  # old / reference log-prob recompute
             row.update(update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device,
                               poison=step == cfg.debug_nan_step))

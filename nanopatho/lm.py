@@ -117,6 +117,11 @@ class KVCache:
         self.v[layer][:, :, start:start + T] = v
         return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
 
+    def repeat_rows(self, n):
+        """Give each row n consecutive copies: (B, ...) -> (B*n, ...), after a prefill shared by n samples."""
+        self.k = [t.repeat_interleave(n, 0) for t in self.k]
+        self.v = [t.repeat_interleave(n, 0) for t in self.v]
+
 
 class Attention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): n_head query heads share n_kv_head key/value heads."""
@@ -252,26 +257,38 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, *, inputs_embeds=None, max_new_tokens, temperature=1.0,
-                 top_k=None, top_p=None, stop_ids=(), pad_id=0, generator=None, suppress_ids=(), on_token=None):
+                 top_k=None, top_p=None, stop_ids=(), pad_id=0, generator=None, suppress_ids=(), on_token=None,
+                 samples_per_prompt=1):
         """Sample up to max_new_tokens continuations of a left-padded batch of prompts.
 
-        idx (B, T) prompt ids (may be None when inputs_embeds (B, T, C) are given, e.g. by the VLM);
-        attention_mask (B, T) 1=real 0=pad. Returns GenerationOutput(ids, mask, logprobs), each (B, N),
-        N <= max_new_tokens (the loop ends early once every row has emitted a stop id).
+        idx (P, T) prompt ids (may be None when inputs_embeds (P, T, C) are given, e.g. by the VLM);
+        attention_mask (P, T) 1=real 0=pad. Returns GenerationOutput(ids, mask, logprobs), each (B, N),
+        B = P * samples_per_prompt, N <= max_new_tokens (the loop ends early once every row has emitted
+        a stop id).
         logprobs are log_softmax(logits / T) of the *unfiltered* tempered distribution (T = 1 when
         greedy), the quantity RL's importance ratio needs; top-k / top-p only restrict what is drawn.
         suppress_ids can never be sampled (e.g. the VLM's image placeholder, an input-only token);
-        on_token(tok (B,), alive (B,)) is called after every step, for streaming to a terminal."""
-        x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        B, T, _ = x.shape
+        on_token(tok (B,), alive (B,)) is called after every step, for streaming to a terminal.
+        samples_per_prompt = n draws n samples of each prompt (output rows p*n .. p*n+n-1): the prompt
+        is prefilled once and its keys / values copied to its n rows (GRPO's group of n completions)."""
+        x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (P, T, C)
+        P, T, _ = x.shape
         device = x.device
         if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+            attention_mask = torch.ones(P, T, dtype=torch.long, device=device)
         assert bool(attention_mask[:, -1].all()), "generate needs left-padded prompts (each row's last token real)"
         total = T + max_new_tokens
         assert total <= self.config.max_seq_len, \
             f"prompt {T} + max_new_tokens {max_new_tokens} > max_seq_len {self.config.max_seq_len}"
         cache = KVCache(self.config.n_layer, total)
+        # prefill: the whole prompt at once, keys/values written to cache slots [0, T)
+        h = self.hidden_states(x, positions_from_mask(attention_mask), padding_attn_mask(attention_mask), cache, 0)
+        logits = self.lm_head(h[:, -1]).float()  # (P, V) left padding => last column is each row's last real token
+        if samples_per_prompt > 1:  # each prompt's n samples start from its one prefill
+            cache.repeat_rows(samples_per_prompt)
+            logits = logits.repeat_interleave(samples_per_prompt, 0)  # (B, V), B = P * n
+            attention_mask = attention_mask.repeat_interleave(samples_per_prompt, 0)  # (B, T)
+        B = logits.shape[0]
         key_valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # which cache slots hold real tokens
         key_valid[:, :T] = attention_mask.bool()
         next_pos = attention_mask.long().sum(dim=1)  # (B,) position of the first generated token
@@ -281,10 +298,6 @@ class LM(nn.Module):
         out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         out_logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-
-        # prefill: the whole prompt at once, keys/values written to cache slots [0, T)
-        h = self.hidden_states(x, positions_from_mask(attention_mask), padding_attn_mask(attention_mask), cache, 0)
-        logits = self.lm_head(h[:, -1]).float()  # (B, V) left padding => last column is each row's last real token
         suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
         n = 0
         for n in range(max_new_tokens):

@@ -10,6 +10,8 @@ MLP maps them to the LM width, and they replace the image placeholder tokens of 
     ids, mask = tok.render_chat(messages, n_image_tokens=vlm.n_image_tokens)   # "<image>" -> n copies
     logits, loss = vlm(input_ids, pixels, attention_mask=am, targets=targets, loss_mask=lm_mask)
     out = vlm.generate(prompt_ids, pixels, prompt_mask, max_new_tokens=64, temperature=0)
+    out = vlm.generate(prompt_ids, pixels, prompt_mask, max_new_tokens=64, samples_per_prompt=8)   # GRPO groups
+    logits, _ = vlm(prompt_ids, pixels, attention_mask=prompt_mask, continuations=(ids, mask, prompt_of_row))
 """
 
 from dataclasses import asdict, dataclass
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from nanopatho.lm import LM, LMConfig
+from nanopatho.shared_prefix import continuation_logits
 from nanopatho.vit import ViT, ViTConfig, init_weights
 
 
@@ -99,8 +102,14 @@ class VLM(nn.Module):
         feats = self.image_embeddings(pixel_values).to(x.dtype)  # (N_img, n_tok, C)
         return x.masked_scatter(is_image[..., None], feats.reshape(-1, feats.shape[-1]))  # (B, T, C)
 
-    def forward(self, input_ids, pixel_values=None, *, attention_mask=None, targets=None, loss_mask=None, reduction="mean"):
+    def forward(self, input_ids, pixel_values=None, *, attention_mask=None, targets=None, loss_mask=None, reduction="mean",
+                continuations=None):
+        """-> (logits (B, T, V), loss or None). continuations = (ids (b, N), mask (b, N), prompt_of_row (b,)):
+        instead score b continuations of these B prompts, each prompt and image encoded once
+        -> (logits (b, N, V) of the continuation tokens, None); see nanopatho.shared_prefix."""
         x = self.embed(input_ids, pixel_values)
+        if continuations is not None:
+            return continuation_logits(self.lm, x, attention_mask, *continuations), None
         if targets is not None:  # an image placeholder is never a prediction target
             targets = targets.masked_fill(targets == self.config.image_token_id, -1)
         return self.lm(None, targets, inputs_embeds=x, attention_mask=attention_mask, loss_mask=loss_mask, reduction=reduction)

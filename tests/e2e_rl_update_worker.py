@@ -63,7 +63,8 @@ def rollout_batch():
 def config(agg):
     return types.SimpleNamespace(seed=0, ppo_epochs=2, num_minibatches=1, temperature=1.0, eps_low=0.2,
                                  eps_high=0.28, beta=0.04, agg=agg, max_new_tokens=N, loss_impl="torch",
-                                 entropy_coef=0.01, grad_clip=0.0, on_nonfinite="stop")
+                                 entropy_coef=0.01, grad_clip=0.0, on_nonfinite="stop",
+                                 group_size=1, share_prefix=True)  # every row its own prompt: groups of 1
 
 
 def updated_weights(agg, rows):

@@ -5,12 +5,17 @@ The model learns to continue each caption given its image (loss on caption token
 state the world's rules (`--textbook_ratio` of the examples). `--vision_init out/clip`
 starts the vision tower from PathoCLIP; `--lm_init out/base_lm` starts the language model from
 a base LM that can already read (stage 0, `python -m nanopatho.base_lm`); `--align_steps N` first trains only the
-projector (vision-language alignment), then everything; `--freeze_vision` keeps the
-vision tower fixed throughout.
+projector (vision-language alignment), then everything; `--freeze_vision` / `--freeze_lm` keep
+the vision tower / the language model fixed throughout (both: LLaVA's projector-only stage).
+Both inits also take released local directories (nanopatho/hf_import.py): `--lm_init` a Qwen2 /
+Qwen2.5 / Llama-family HF directory, whose own tokenizer.json the VLM then uses, and
+`--vision_init` a HF CLIP / SigLIP or OpenCLIP directory.
 
     python train_pretrain.py --preset toy --vision_init out/clip --out_dir out/pretrain
     torchrun --nproc_per_node=8 train_pretrain.py --preset small --vision_init out/clip
     torchrun --nproc_per_node=8 train_pretrain.py --preset base --train_file shards/ --stream --num_workers 6 --fsdp
+    python train_pretrain.py --preset small --lm_init Qwen2.5-0.5B --vision_init clip-vit-base-patch16 \
+        --freeze_vision --align_steps 500 --lr 2e-5
     python train_pretrain.py --help
 
 --stream reads the pairs sample by sample (nanopatho/stream.py) instead of decoding every image
@@ -23,7 +28,7 @@ import os
 
 import torch
 
-from nanopatho import checkpoint, dist, stream, training
+from nanopatho import dist, hf_import, stream, training
 from nanopatho.config import field, parse_config, to_dict
 from nanopatho.data import image_tensor, load_pairs, load_records, preload_images
 from nanopatho.next_token import Examples, TrainConfig, collate_rows, mix_text, reading_seqs, train
@@ -40,9 +45,13 @@ class Config(TrainConfig):
     textbook_file: str = field("textbook.jsonl", "text-only paragraphs {'text': ...} ('' = none)")
     textbook_ratio: float = field(0.2, "fraction of training examples that are textbook paragraphs")
     tokenizer: str = field("", "tokenizer.json (default: <data>/tokenizer.json)")
-    vision_init: str = field("", "PathoCLIP checkpoint directory whose image tower seeds the VLM")
-    lm_init: str = field("", "LM checkpoint directory (stage 0's base LM) that the VLM's language model continues")
+    vision_init: str = field("", "vision tower to start from: a PathoCLIP checkpoint, or a HF CLIP / SigLIP or "
+                                 "OpenCLIP directory")
+    lm_init: str = field("", "LM the VLM continues: a nanopatho LM checkpoint (stage 0's base LM, same tokenizer), or "
+                             "a HF Qwen2 / Llama directory (its tokenizer.json is used, nanopatho's specials merged in)")
     freeze_vision: bool = field(False, "never update the vision tower")
+    freeze_lm: bool = field(False, "never update the language model (with --freeze_vision: only the projector trains)")
+    pixel_shuffle: int = field(2, "fold each s x s block of patches into one image token (the ViT grid must divide by s)")
     align_steps: int = field(0, "train only the projector for the first N steps")
     csv_img_key: str = field("filepath", "CSV column holding the image path")
     csv_caption_key: str = field("title", "CSV column holding the caption")
@@ -161,27 +170,47 @@ def streamed_data(cfg, tokenizer, model, size):
     return train_set, val_set, bad_text + bad_val
 
 
-def build_model(cfg, tokenizer):
+def init_lm(cfg):
+    """(the --lm_init LM or None, the tokenizer). A released LM brings its own tokenizer; a nanopatho
+    LM must share the tokenizer.json the data is tokenized with."""
+    tok_path = cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json")
+    if cfg.lm_init and hf_import.is_released(cfg.lm_init):
+        if cfg.tokenizer:
+            training.fail(f"--tokenizer {cfg.tokenizer}: a released --lm_init uses its own tokenizer.json")
+        return hf_import.load_lm(cfg.lm_init)
+    tokenizer = Tokenizer.from_file(tok_path)
+    if not cfg.lm_init:
+        return None, tokenizer
+    lm, lm_tokenizer = hf_import.load_lm(cfg.lm_init)
+    if lm_tokenizer.vocab_size != tokenizer.vocab_size or lm.config.vocab_size != tokenizer.vocab_size:
+        training.fail(f"--lm_init {cfg.lm_init}: its vocabulary ({lm.config.vocab_size} ids) is not the "
+                      f"tokenizer's ({tokenizer.vocab_size}); train the base LM with the same tokenizer.json")
+    return lm, tokenizer
+
+
+def build_model(cfg):
+    """The VLM and its tokenizer: preset shapes, or those of the --vision_init tower and the --lm_init LM."""
+    vit = hf_import.load_vision(cfg.vision_init) if cfg.vision_init else None
+    lm, tokenizer = init_lm(cfg)
     mcfg = vlm_config(cfg.preset, tokenizer.vocab_size, tokenizer.image_id)
-    clip = None
-    if cfg.vision_init:
-        clip, _, _ = checkpoint.load(cfg.vision_init, expect="clip")
-        mcfg.vision = clip.config.vision  # the VLM sees images exactly as PathoCLIP was trained
-    lm = None
-    if cfg.lm_init:
-        lm, _, lm_tokenizer = checkpoint.load(cfg.lm_init, expect="lm")
-        if lm_tokenizer.vocab_size != tokenizer.vocab_size or lm.config.vocab_size != tokenizer.vocab_size:
-            training.fail(f"--lm_init {cfg.lm_init}: its vocabulary ({lm.config.vocab_size} ids) is not the "
-                          f"tokenizer's ({tokenizer.vocab_size}); train the base LM with the same tokenizer.json")
-        mcfg.lm = lm.config  # the VLM continues the base LM with its exact shape
+    mcfg.pixel_shuffle = cfg.pixel_shuffle
+    if vit is not None:
+        mcfg.vision = vit.config  # the VLM sees images exactly as the tower was trained
+    if lm is not None:
+        mcfg.lm = lm.config  # the VLM continues the LM with its exact shape
+    if mcfg.vision.grid % cfg.pixel_shuffle:
+        training.fail(f"--pixel_shuffle {cfg.pixel_shuffle} does not divide the vision grid {mcfg.vision.grid} "
+                      f"(image_size {mcfg.vision.image_size} / patch_size {mcfg.vision.patch_size})")
     model = VLM(mcfg)
     if lm is not None:
         model.lm.load_state_dict(lm.state_dict(), strict=True)
-    if clip is not None:
-        model.load_vision_from_clip(clip.state_dict())
+    if vit is not None:
+        model.vision.load_state_dict(vit.state_dict(), strict=True)
     if cfg.freeze_vision:
         model.freeze_vision()
-    return model
+    if cfg.freeze_lm:
+        model.freeze_lm()
+    return model, tokenizer
 
 
 def projector_only_until(align_steps):
@@ -199,8 +228,7 @@ def main(argv=None):
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = training.setup(cfg.seed, cfg.device)
-    tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
-    model = build_model(cfg, tokenizer)
+    model, tokenizer = build_model(cfg)
     size = model.config.vision.image_size
     if cfg.stream:
         if cfg.reading_file:

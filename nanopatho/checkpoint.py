@@ -16,7 +16,8 @@ Usage:
     model, config, tokenizer = load("out/sft", device)         # rebuilds the right class from config.json
     path = latest_checkpoint(out_dir); load_train_state(path, optimizer) -> state
 
-Nothing here unpickles: only .safetensors and .json files are ever read.
+Nothing here unpickles: only .safetensors and .json files are ever read. `load` also takes a
+released Hugging Face / OpenCLIP directory (see nanopatho/hf_import.py).
 A snapshot is written into `checkpoints/.tmp_step_N/` and renamed into place when
 complete, so a crash mid-save leaves the previous snapshots intact; `latest_checkpoint`
 ignores the temporary names.
@@ -164,9 +165,14 @@ def checked_state(model, path):
 
 
 def load(directory, device="cpu", expect=None):
-    """(model, config dict, tokenizer) from a checkpoint directory; `expect` checks the model_type."""
+    """(model, config dict, tokenizer) from a checkpoint directory; `expect` checks the model_type.
+    A released Hugging Face / OpenCLIP directory (Qwen2, Llama, CLIP) is imported by nanopatho.hf_import."""
+    from nanopatho import hf_import
     from nanopatho.tokenizer import Tokenizer
 
+    if hf_import.is_released(directory):
+        model, config, tokenizer = hf_import.load_pretrained(directory, expect)
+        return model.to(device), config, tokenizer
     config = _read_json(os.path.join(directory, "config.json"))
     if expect is not None and config.get("model_type") != expect:
         raise CheckpointError(

@@ -35,6 +35,9 @@ class TextConfig:
     n_head: int = 4
     n_embd: int = 128
     max_len: int = 64
+    mlp_act: str = "gelu"  # gelu | quick_gelu (OpenAI CLIP) | gelu_tanh
+    norm_eps: float = 1e-5
+    mlp_dim: int = 0  # 0: 4 x n_embd
 
     def to_dict(self):
         return asdict(self)
@@ -79,8 +82,8 @@ class TextTower(nn.Module):
         self.max_len = t.max_len
         self.tok_embed = nn.Embedding(t.vocab_size, t.n_embd)
         self.pos_embed = nn.Parameter(torch.randn(t.max_len, t.n_embd) * 0.01)
-        self.blocks = nn.ModuleList(Block(t.n_embd, t.n_head) for _ in range(t.n_layer))
-        self.ln_f = nn.LayerNorm(t.n_embd)
+        self.blocks = nn.ModuleList(Block(t.n_embd, t.n_head, 4.0, t.mlp_act, t.norm_eps, t.mlp_dim) for _ in range(t.n_layer))
+        self.ln_f = nn.LayerNorm(t.n_embd, eps=t.norm_eps)
         self.proj = nn.Linear(t.n_embd, cfg.embed_dim, bias=False)
         self.apply(init_weights)
         nn.init.normal_(self.tok_embed.weight, std=0.02)

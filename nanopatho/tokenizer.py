@@ -20,11 +20,14 @@ turn. Every "<image>" in a message becomes n_image_tokens copies of the image to
 later replaces those positions with projected vision features.
 
 Loading a foreign tokenizer.json (e.g. Qwen2) maps our special tokens to the ones it has:
-pad/bos/eos -> <|endoftext|>, image -> <|image_pad|>, and <|im_start|>/<|im_end|> by name.
-If pad, bos, eos, <|im_start|> or <|im_end|> cannot be found, loading fails with an error
-naming the token: we never silently change the vocabulary a model was trained with. Only the
-image, <think>, </think>, <answer>, </answer> tokens may be appended as new special tokens
-(with a printed note), because a VLM / reasoning fine-tune has to learn them anyway.
+pad/bos/eos -> <|endoftext|> (bos: <|startoftext|> / <|begin_of_text|> / <s> first, eos:
+<|end_of_text|> / </s> first), image -> <|image_pad|> or <|vision_pad|>, and <|im_start|> /
+<|im_end|> by name. If pad, bos, eos, <|im_start|> or <|im_end|> cannot be found, loading fails
+with an error naming the token: we never silently change the vocabulary a model was trained
+with. Only the image, <think>, </think>, <answer>, </answer> tokens may be appended as new
+special tokens (with a printed note), because a VLM / reasoning fine-tune has to learn them
+anyway. Importing a released model (nanopatho/hf_import.py) passes `addable=ALL_ADDABLE`: it
+may append the chat markers too, because it also grows the model's embedding for them.
 """
 
 import re
@@ -50,9 +53,14 @@ SPECIAL_TOKENS = {
 IMAGE_PLACEHOLDER = "<image>"  # what datasets write in the user turn (LLaVA / ShareGPT convention)
 ROLES = ("system", "user", "assistant")
 # names other tokenizers (Qwen2 / Qwen2-VL) use for the same roles, tried after our own name
-ALIASES = {"pad": ("<|endoftext|>",), "bos": ("<|endoftext|>",), "eos": ("<|endoftext|>",), "image": ("<|image_pad|>",)}
+ALIASES = {"pad": ("<|endoftext|>", "<|end_of_text|>", "</s>"),
+           "bos": ("<|startoftext|>", "<|begin_of_text|>", "<s>", "<|endoftext|>"),
+           "eos": ("<|end_of_text|>", "</s>", "<|endoftext|>"),
+           "image": ("<|image_pad|>", "<|vision_pad|>")}
 # the only specials that loading may append to a foreign vocabulary
 ADDABLE = ("image", "think", "think_end", "answer", "answer_end")
+# what importing a released model may append (it extends the embedding for them)
+ALL_ADDABLE = ADDABLE + ("im_start", "im_end")
 
 _STRIP_FROM_TRAINING = re.compile("|".join(re.escape(t) for t in [*SPECIAL_TOKENS.values(), IMAGE_PLACEHOLDER]))
 
@@ -88,18 +96,18 @@ class Tokenizer:
         return cls._from_hf(hf, "trained tokenizer")
 
     @classmethod
-    def from_file(cls, path):
-        return cls._from_hf(HFTokenizer.from_file(str(path)), str(path))
+    def from_file(cls, path, addable=ADDABLE):
+        return cls._from_hf(HFTokenizer.from_file(str(path)), str(path), addable)
 
     @classmethod
-    def _from_hf(cls, hf, origin):
+    def _from_hf(cls, hf, origin, addable=ADDABLE):
         vocab = hf.get_vocab(with_added_tokens=True)
         added = {t.content for t in hf.get_added_tokens_decoder().values()}
         special_ids = {}
         for name, token in SPECIAL_TOKENS.items():
             found = next((t for t in (token, *ALIASES.get(name, ())) if t in vocab), None)
             if found is None:
-                if name not in ADDABLE:
+                if name not in addable:
                     names = " or ".join(repr(t) for t in (token, *ALIASES.get(name, ())))
                     raise DataError(f"{origin}: tokenizer has no {name} token ({names}); refusing to change its vocabulary")
                 hf.add_special_tokens([token])

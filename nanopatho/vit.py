@@ -2,9 +2,18 @@
 
 Conv patch embedding -> learned position embeddings -> pre-norm transformer blocks -> final
 LayerNorm. Returns every patch token (the VLM projects them into the LM) and a pooled vector
-(mean of the normed patch tokens; PathoCLIP projects it into the joint space). There is no
-class token: mean pooling is as good for pathology tiles and keeps the patch grid square for
-pixel shuffle.
+(PathoCLIP projects it into the joint space). nanopatho's own ViT has no class token and pools
+by the mean of the normed patch tokens: as good for pathology tiles, and the patch grid stays
+square for pixel shuffle.
+
+Released towers need a few more options, all off by default (nanopatho/hf_import.py sets them):
+    class_token  a learned token before the patches (CLIP, OpenCLIP); it never leaves the ViT
+                 as a patch token, and pooling="cls" returns its final state
+    pre_norm     LayerNorm on the embeddings before the first block (CLIP's ln_pre)
+    mlp_act      gelu | quick_gelu (x * sigmoid(1.702 x), OpenAI CLIP) | gelu_tanh (SigLIP)
+    conv_bias, norm_eps, mlp_dim   patch-embedding bias, LayerNorm eps, MLP width (0: mlp_ratio x n_embd)
+The final LayerNorm is applied to every token (OpenCLIP and SigLIP; HF CLIP applies the same
+LayerNorm to its pooled class token only, which gives the same pooled vector).
 
     from nanopatho.vit import ViT, ViTConfig
     vit = ViT(ViTConfig(image_size=64, patch_size=8, n_layer=4, n_head=4, n_embd=128))
@@ -28,6 +37,18 @@ class ViTConfig:
     n_head: int = 4
     n_embd: int = 128
     mlp_ratio: float = 4.0
+    class_token: bool = False
+    pre_norm: bool = False
+    mlp_act: str = "gelu"
+    conv_bias: bool = True
+    norm_eps: float = 1e-5
+    mlp_dim: int = 0
+    pooling: str = "mean"
+
+    def __post_init__(self):
+        assert self.mlp_act in ACTIVATIONS, f"mlp_act must be one of {sorted(ACTIVATIONS)}, got {self.mlp_act!r}"
+        assert self.pooling in ("mean", "cls"), f"pooling must be 'mean' or 'cls', got {self.pooling!r}"
+        assert self.pooling != "cls" or self.class_token, "pooling='cls' needs class_token=True"
 
     def to_dict(self):
         return asdict(self)
@@ -39,6 +60,16 @@ class ViTConfig:
     @property
     def grid(self):
         return self.image_size // self.patch_size
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI CLIP was trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
 
 
 class Attention(nn.Module):
@@ -63,13 +94,13 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, n_embd, n_head, mlp_ratio=4.0):
+    def __init__(self, n_embd, n_head, mlp_ratio=4.0, mlp_act="gelu", norm_eps=1e-5, mlp_dim=0):
         super().__init__()
-        hidden = int(n_embd * mlp_ratio)
-        self.ln_1 = nn.LayerNorm(n_embd)
+        hidden = mlp_dim or int(n_embd * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(n_embd, eps=norm_eps)
         self.attn = Attention(n_embd, n_head)
-        self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, hidden), nn.GELU(), nn.Linear(hidden, n_embd))
+        self.ln_2 = nn.LayerNorm(n_embd, eps=norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, hidden), ACTIVATIONS[mlp_act](), nn.Linear(hidden, n_embd))
 
     def forward(self, x, attn_mask=None):
         x = x + self.attn(self.ln_1(x), attn_mask)
@@ -82,10 +113,16 @@ class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.config = cfg
-        self.patch_embed = nn.Conv2d(3, cfg.n_embd, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = nn.Conv2d(3, cfg.n_embd, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                     bias=cfg.conv_bias)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.grid * cfg.grid, cfg.n_embd) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.mlp_ratio) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        if cfg.class_token:  # its own position embedding is folded in: cls_token = class embedding + pos[0]
+            self.cls_token = nn.Parameter(torch.randn(cfg.n_embd) * 0.02)
+        if cfg.pre_norm:
+            self.ln_pre = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.mlp_ratio, cfg.mlp_act, cfg.norm_eps, cfg.mlp_dim)
+                                    for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.apply(init_weights)
 
     def position_embeddings(self, gh, gw):
@@ -99,14 +136,20 @@ class ViT(nn.Module):
 
     def forward(self, pixels):
         assert pixels.dim() == 4 and pixels.shape[1] == 3, f"expected (B, 3, H, W) pixels, got {tuple(pixels.shape)}"
+        cfg = self.config
         x = self.patch_embed(pixels)  # (B, C, gh, gw)
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         x = x + self.position_embeddings(gh, gw)
+        if cfg.class_token:
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1+N, C)
+        if cfg.pre_norm:
+            x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x)
-        x = self.ln_f(x)  # (B, N, C)
-        return x, x.mean(dim=1)  # (B, N, C), (B, C)
+        x = self.ln_f(x)  # (B, [1+]N, C)
+        tokens = x[:, 1:] if cfg.class_token else x  # (B, N, C): patch tokens only, row-major
+        return tokens, (x[:, 0] if cfg.pooling == "cls" else tokens.mean(dim=1))  # (B, N, C), (B, C)
 
 
 def init_weights(m):

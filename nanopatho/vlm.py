@@ -126,6 +126,11 @@ class VLM(nn.Module):
         """Stop (flag=True) or restart gradient flow into the ViT; the projector always trains."""
         self.vision.requires_grad_(not flag)
 
+    def freeze_lm(self, flag=True):
+        """Stop (flag=True) or restart updates of the LM's weights (LLaVA's alignment stage); gradients
+        still flow through it into the projector."""
+        self.lm.requires_grad_(not flag)
+
     def load_vision_from_clip(self, clip_state_dict):
         """Initialise the ViT from a PathoCLIP state dict (its `visual.vit.*` tensors); strict."""
         prefix = "visual.vit."

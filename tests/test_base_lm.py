@@ -48,9 +48,7 @@ def test_base_lm_writes_an_lm_checkpoint_with_probe_metrics(base):
 def test_lm_init_continues_the_base_lm_exactly(base):
     world, out, _ = base
     cfg = train_pretrain.Config(data=world["data"], lm_init=out)
-    from nanopatho.tokenizer import Tokenizer
-    tokenizer = Tokenizer.from_file(os.path.join(world["data"], "tokenizer.json"))
-    model = train_pretrain.build_model(cfg, tokenizer)
+    model, _ = train_pretrain.build_model(cfg)
     lm, _, _ = checkpoint.load(out, expect="lm")
     assert model.config.lm == lm.config
     for name, tensor in lm.state_dict().items():

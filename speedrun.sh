@@ -76,8 +76,10 @@ for SEED in ${SEEDS//,/ }; do
   mkdir -p "$O"
   common=(--preset "$PRESET" --data "$DATA" --seed "$SEED")
   stage clip "$O/clip.log" $PYTHON train_clip.py "${common[@]}" --out_dir "$O/clip"
-  stage pretrain "$O/pretrain.log" $PYTHON train_pretrain.py "${common[@]}" --vision_init "$O/clip" --lm_init "$OUT/base_lm" --out_dir "$O/pretrain"
-  stage sft "$O/sft.log" $PYTHON train_sft.py "${common[@]}" --init "$O/pretrain" --out_dir "$O/sft"
+  stage pretrain "$O/pretrain.log" $PYTHON train_pretrain.py "${common[@]}" --vision_init "$O/clip" --lm_init "$OUT/base_lm" \
+    --reading_file reading_train.jsonl --out_dir "$O/pretrain"
+  stage sft "$O/sft.log" $PYTHON train_sft.py "${common[@]}" --init "$O/pretrain" --reading_file reading_train.jsonl \
+    --out_dir "$O/sft"
   stage rl_grpo "$O/rl_grpo.log" $PYTHON train_rl.py "${common[@]}" --algo grpo --init "$O/sft" --out_dir "$O/rl_grpo"
   stage rl_dapo "$O/rl_dapo.log" $PYTHON train_rl.py "${common[@]}" --algo dapo --init "$O/sft" --out_dir "$O/rl_dapo"
   for CK in pretrain sft rl_grpo rl_dapo; do

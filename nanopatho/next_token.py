@@ -65,10 +65,11 @@ def mix_text(examples, text_seqs, ratio):
 
 
 def reading_seqs(tokenizer, path, max_seq_len):
-    """Stage 0's reading conversations (data/synthpath/reading.py) -> [(ids, assistant-only loss mask)]."""
+    """Stage 0's reading conversations (data/synthpath/reading.py) -> [(ids, assistant-only loss mask)];
+    rows longer than max_seq_len are left out, never cut (a cut row loses its answers)."""
     convs, _ = load_conversations(path)
     seqs = [tokenizer.render_chat(c["messages"], n_image_tokens=0) for c in convs]
-    return [(ids[:max_seq_len], mask[:max_seq_len]) for ids, mask in seqs]
+    return [(ids, mask) for ids, mask in seqs if len(ids) <= max_seq_len]
 
 
 def collate_rows(seqs, images, pad_id, generator, train_aug):

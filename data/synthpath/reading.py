@@ -189,7 +189,7 @@ def reading_row(rng, skill, level, make_name=train_name):
     return {"messages": with_context(turns, level, filler(rng, level)), "skill": skill, "level": level}
 
 
-MIX = {"copy": 1.0, "option": 3.0, "read": 1.0, "same": 2.0}  # the look-up is the slowest skill to form
+MIX = {"copy": 1.0, "option": 4.0, "read": 1.0, "same": 2.0}  # the look-up is the slowest skill to form
 
 
 def reading_rows(rng, n, level, mix=None):

@@ -86,3 +86,29 @@ def test_released_lm_with_a_tokenizer_flag_is_a_clear_error(world, released, tmp
     proc = run_script("train_pretrain.py", world, tmp_path / "out", ["--max_steps", 1, "--lm_init", released["lm"],
                                                                      "--tokenizer", os.path.join(world["data"], "tokenizer.json")])
     assert_clean_failure(proc, r"^error: --tokenizer .*: a released --lm_init uses its own tokenizer\.json$")
+
+
+def test_build_model_dispatches_nanopatho_and_released_inits(world, released, tmp_path):
+    """One code path for --lm_init / --vision_init: a nanopatho LM checkpoint keeps the data's tokenizer,
+    a released LM brings its merged one; the grid must divide by --pixel_shuffle."""
+    import train_pretrain
+    from nanopatho import checkpoint
+    from nanopatho.lm import LM
+    from nanopatho.presets import lm_config
+    from nanopatho.tokenizer import Tokenizer
+
+    def build(*flags):
+        return train_pretrain.build_model(train_pretrain.parse_config(
+            train_pretrain.Config, train_pretrain.PRESETS, ["--data", world["data"], *map(str, flags)]))
+
+    data_tok = Tokenizer.from_file(os.path.join(world["data"], "tokenizer.json"))
+    base = LM(lm_config("toy", data_tok.vocab_size))
+    checkpoint.save_model(str(tmp_path / "base_lm"), base, data_tok)
+    model, tok = build("--lm_init", tmp_path / "base_lm")
+    assert tok.vocab_size == data_tok.vocab_size and torch.equal(model.lm.layers[0].mlp.up_proj.weight,
+                                                                 base.layers[0].mlp.up_proj.weight)
+    model, tok = build("--lm_init", released["lm"], "--vision_init", released["clip"])
+    assert tok.image_id == tok.token_to_id("<|image_pad|>") == model.config.image_token_id
+    assert model.config.vision.class_token and model.n_image_tokens == 4  # 32 px / 8 = 4 x 4 patches, shuffle 2
+    with pytest.raises(SystemExit):
+        build("--vision_init", released["clip"], "--pixel_shuffle", 3)

@@ -50,9 +50,11 @@ class Config(TrainConfig):
     lm_init: str = field("", "LM the VLM continues: a nanopatho LM checkpoint (stage 0's base LM, same tokenizer), or "
                              "a HF Qwen2 / Llama directory (its tokenizer.json is used, nanopatho's specials merged in)")
     freeze_vision: bool = field(False, "never update the vision tower")
-    freeze_lm: bool = field(False, "never update the language model (with --freeze_vision: only the projector trains)")
+    freeze_lm: bool = field(False, "never update the language model (with --freeze_vision: only the projector "
+                                    "trains); textbook paragraphs are then left out")
     pixel_shuffle: int = field(2, "fold each s x s block of patches into one image token (the ViT grid must divide by s)")
     align_steps: int = field(0, "train only the projector for the first N steps")
+    projector_lr: float = field(0.0, "peak learning rate of the projector (LLaVA's mm_projector_lr; 0 = --lr)")
     csv_img_key: str = field("filepath", "CSV column holding the image path")
     csv_caption_key: str = field("title", "CSV column holding the caption")
     csv_sep: str = field(",", "CSV separator")
@@ -210,6 +212,11 @@ def build_model(cfg):
         model.freeze_vision()
     if cfg.freeze_lm:
         model.freeze_lm()
+    if cfg.projector_lr:  # the fresh projector may take a larger step than pretrained towers (training.make_optimizer)
+        if cfg.lr <= 0:
+            training.fail(f"--projector_lr {cfg.projector_lr} needs a positive --lr (it is applied as a multiple of it)")
+        for p in model.projector.parameters():
+            p.lr_scale = cfg.projector_lr / cfg.lr
     return model, tokenizer
 
 
@@ -236,11 +243,14 @@ def main(argv=None):
         train_set, val_set, bad = streamed_data(cfg, tokenizer, model, size)
     else:
         train_caps, bad_train = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.train_file), size)
-        textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) if cfg.textbook_file else ([], 0)
+        use_text = not cfg.freeze_lm  # text-only rows would train nothing but the (frozen) LM
+        textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) \
+            if cfg.textbook_file and use_text else ([], 0)
         val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size) \
             if cfg.val_file else (empty_examples(size), 0)
         train_set, bad = mix_text(train_caps, textbook, cfg.textbook_ratio), bad_train + bad_text + bad_val
-        reading = reading_seqs(tokenizer, resolve(cfg, cfg.reading_file), cfg.max_seq_len) if cfg.reading_file else []
+        reading = reading_seqs(tokenizer, resolve(cfg, cfg.reading_file), cfg.max_seq_len) \
+            if cfg.reading_file and use_text else []
         train_set = mix_text(train_set, reading, cfg.reading_ratio)
         training.print0(f"[pretrain] {len(train_caps)} caption + {len(textbook)} textbook + {len(reading)} reading "
                         f"examples ({len(train_set)} after mixing), {len(val_set)} val; skipped bad samples: {bad}; "

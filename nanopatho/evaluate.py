@@ -524,4 +524,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from nanopatho.training import run
+    run(main)  # a bad checkpoint or data file: one line on stderr, exit status 2

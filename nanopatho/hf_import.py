@@ -305,7 +305,8 @@ def block_names(n_layer, dst, src, openclip):
         for p in ("weight", "bias"):
             names.update({f"{d}{ours}.{p}": f"{s}{theirs}.{p}"
                           for ours, theirs in (OPENCLIP_BLOCK if openclip else HF_BLOCK).items()})
-            names[f"{d}attn.qkv.{p}"] = f"{s}attn.in_proj_{p}" if openclip else [f"{s}self_attn.{x}_proj.{p}" for x in "qkv"]
+            qkv = [f"{s}self_attn.{x}_proj.{p}" for x in "qkv"]  # HF keeps them apart; OpenCLIP stacks them
+            names[f"{d}attn.qkv.{p}"] = f"{s}attn.in_proj_{p}" if openclip else qkv
     return names
 
 
@@ -336,7 +337,8 @@ def hf_vit_state(weights, cfg, p):
     """(state, sources) of a ViT from HF CLIP / SigLIP tensors under prefix p ("vision_model." or "")."""
     e = f"{p}embeddings."
     names = {"patch_embed.weight": e + "patch_embedding.weight", "ln_f.weight": p + "post_layernorm.weight",
-             "ln_f.bias": p + "post_layernorm.bias", **block_names(cfg.n_layer, "blocks.", f"{p}encoder.layers.", False)}
+             "ln_f.bias": p + "post_layernorm.bias",
+             **block_names(cfg.n_layer, "blocks.", f"{p}encoder.layers.", False)}
     if cfg.conv_bias:
         names["patch_embed.bias"] = e + "patch_embedding.bias"
     if cfg.pre_norm:
@@ -353,8 +355,8 @@ def hf_vit_state(weights, cfg, p):
 def openclip_vit_config(mc, path):
     """OpenCLIP model_cfg (its vision_cfg + quick_gelu) -> ViTConfig; unsupported options refused."""
     vc = mc.get("vision_cfg", {})
-    for key in ("timm_model_name", "ls_init_value", "attentional_pool", "act_kwargs", "qk_norm", "scaled_cosine_attn",
-                "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"):
+    for key in ("timm_model_name", "ls_init_value", "attentional_pool", "act_kwargs", "qk_norm",
+                "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"):
         if vc.get(key):
             refuse(path, f"vision_cfg.{key} = {vc[key]!r} (not implemented)")
     if not isinstance(vc.get("layers", 12), int):
@@ -364,7 +366,8 @@ def openclip_vit_config(mc, path):
     width = vc.get("width", 768)
     return ViTConfig(image_size=square(vc.get("image_size", 224), "image_size", path),
                      patch_size=square(vc.get("patch_size", 16), "patch_size", path), n_layer=vc.get("layers", 12),
-                     n_head=width // vc.get("head_width", 64), n_embd=width, mlp_dim=int(width * vc.get("mlp_ratio", 4.0)),
+                     n_head=width // vc.get("head_width", 64), n_embd=width,
+                     mlp_dim=int(width * vc.get("mlp_ratio", 4.0)),
                      mlp_act="quick_gelu" if mc.get("quick_gelu") else "gelu",
                      norm_eps=float((vc.get("norm_kwargs") or {}).get("eps", 1e-5)), class_token=True,
                      pre_norm=not vc.get("no_ln_pre", False), conv_bias=False,
@@ -373,8 +376,8 @@ def openclip_vit_config(mc, path):
 
 def openclip_vit_state(weights, cfg):
     v = "visual."
-    names = {"patch_embed.weight": v + "conv1.weight", "ln_f.weight": v + "ln_post.weight", "ln_f.bias": v + "ln_post.bias",
-             **block_names(cfg.n_layer, "blocks.", f"{v}transformer.resblocks.", True)}
+    names = {"patch_embed.weight": v + "conv1.weight", "ln_f.weight": v + "ln_post.weight",
+             "ln_f.bias": v + "ln_post.bias", **block_names(cfg.n_layer, "blocks.", f"{v}transformer.resblocks.", True)}
     if cfg.pre_norm:
         names.update({"ln_pre.weight": v + "ln_pre.weight", "ln_pre.bias": v + "ln_pre.bias"})
     state = gather(weights, names)
@@ -402,13 +405,16 @@ def fold_pixel_norm(state, mean, std):
 
 def pixel_constants(directory, default):
     """image_mean / image_std of preprocessor_config.json or open_clip_config.json, else the family's default."""
-    hf = os.path.join(directory, "preprocessor_config.json")
-    if os.path.isfile(hf):
-        c = read_json(hf)
-        return tuple(c.get("image_mean", default[0])), tuple(c.get("image_std", default[1]))
-    oc = os.path.join(directory, "open_clip_config.json")
-    pp = read_json(oc).get("preprocess_cfg", {}) if os.path.isfile(oc) else {}
-    return tuple(pp.get("mean", default[0])), tuple(pp.get("std", default[1]))
+    path = os.path.join(directory, "preprocessor_config.json")
+    keys = ("image_mean", "image_std")
+    if not os.path.isfile(path):
+        path, keys = os.path.join(directory, "open_clip_config.json"), ("mean", "std")
+    c = read_json(path) if os.path.isfile(path) else {}
+    c = c.get("preprocess_cfg", c)
+    mean, std = (tuple(c.get(k, d)) for k, d in zip(keys, default))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        refuse(path, f"pixel mean {mean} / std {std}: expected 3 values each, std > 0")
+    return mean, std
 
 
 def vit_source(directory, source):

@@ -96,15 +96,18 @@ def no_sync_unless(model, sync):
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
     """AdamW with weight decay on weight matrices only: never on norms, biases,
-    position embeddings or the CLIP logit scale."""
-    decay, no_decay = [], []
+    position embeddings or the CLIP logit scale. Parameters carrying an `lr_scale` attribute
+    (train_pretrain.py --projector_lr) get groups of their own, trained at lr x lr_scale."""
+    groups = {}  # (lr_scale, decays) -> params
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.dim() < 2 or any(k in name for k in NO_DECAY_KEYWORDS)
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)
+        if p.requires_grad:
+            decays = p.dim() >= 2 and not any(k in name for k in NO_DECAY_KEYWORDS)
+            groups.setdefault((getattr(p, "lr_scale", 1.0), decays), []).append(p)
+    param_groups = [{"params": groups.pop((1.0, True), []), "weight_decay": weight_decay},
+                    {"params": groups.pop((1.0, False), []), "weight_decay": 0.0}]
+    for (scale, decays), params in groups.items():
+        param_groups.append({"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale})
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, foreach=False)
 
 
 def lr_at(step, total_steps, peak_lr, warmup_steps, min_ratio=0.1):
@@ -118,7 +121,7 @@ def lr_at(step, total_steps, peak_lr, warmup_steps, min_ratio=0.1):
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def global_count(local_count, device):

@@ -13,7 +13,8 @@ Released towers need a few more options, all off by default (nanopatho/hf_import
     mlp_act      gelu | quick_gelu (x * sigmoid(1.702 x), OpenAI CLIP) | gelu_tanh (SigLIP)
     conv_bias, norm_eps, mlp_dim   patch-embedding bias, LayerNorm eps, MLP width (0: mlp_ratio x n_embd)
 The final LayerNorm is applied to every token (OpenCLIP and SigLIP; HF CLIP applies the same
-LayerNorm to its pooled class token only, which gives the same pooled vector).
+LayerNorm to its pooled class token only, which gives the same pooled vector). A CLIP's final
+projection into the joint space is PathoCLIP's `visual.proj` (clip.py), not part of the ViT.
 
     from nanopatho.vit import ViT, ViTConfig
     vit = ViT(ViTConfig(image_size=64, patch_size=8, n_layer=4, n_head=4, n_embd=128))

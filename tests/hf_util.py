@@ -59,11 +59,13 @@ def save(model, directory, **kw):
     return str(directory)
 
 
-def save_qwen2(tmp, name="qwen2", tie=True, vocab_size=320, specials=QWEN_SPECIALS + REASONING, seed=0, **kw):
+def save_qwen2(tmp, name="qwen2", tie=True, vocab_size=320, specials=QWEN_SPECIALS + REASONING, seed=0,
+               max_position_embeddings=96, **kw):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96, rope_theta=5000.0,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                      rope_theta=5000.0,
                       rms_norm_eps=1e-5, tie_word_embeddings=tie, attn_implementation="sdpa")
     d = save(jitter(Qwen2ForCausalLM(cfg), seed), os.path.join(tmp, name), **kw)
     bpe_tokenizer(os.path.join(d, "tokenizer.json"), specials)

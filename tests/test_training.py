@@ -1,5 +1,6 @@
 """The training plumbing: schedule, data order, weight-decay groups, the non-finite guard."""
 
+import copy
 import math
 
 import pytest
@@ -70,3 +71,30 @@ def test_generator_for_is_deterministic_and_keyed():
     b = torch.rand(3, generator=training.generator_for(0, 1, 2))
     c = torch.rand(3, generator=training.generator_for(0, 2, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_lr_scale_groups_step_like_a_separate_optimizer_at_the_scaled_rate():
+    """--projector_lr: parameters carrying lr_scale form their own groups at lr x lr_scale. By hand: AdamW's
+    first step moves a bias (no decay) by lr * g / (|g| + eps) = lr in size. Property: the step equals that of
+    separate optimizers at lr and lr x lr_scale."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    start = copy.deepcopy(m)
+    for p in m[1].parameters():
+        p.lr_scale = 10.0
+    opt = training.make_optimizer(m, 1e-3, 0.1)
+    training.set_lr(opt, 2e-3)
+    assert [g["lr"] for g in opt.param_groups] == [2e-3, 2e-3, 2e-2, 2e-2]  # decay, no-decay, scaled decay, no-decay
+    assert {id(p) for p in opt.param_groups[2]["params"]} == {id(m[1].weight)}
+    x = torch.randn(5, 3)
+    ref = copy.deepcopy(start)
+    for model in (m, ref):
+        model(x).pow(2).sum().backward()
+    opt.step()
+    assert torch.allclose((m[0].bias - start[0].bias).abs(), torch.full((4,), 2e-3), rtol=1e-4)
+    assert torch.allclose((m[1].bias - start[1].bias).abs(), torch.full((2,), 2e-2), rtol=1e-4)
+    for layer, lr in ((0, 2e-3), (1, 2e-2)):
+        sep = training.make_optimizer(ref[layer], 1e-3, 0.1)
+        training.set_lr(sep, lr)
+        sep.step()
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(m.parameters(), ref.parameters()))

@@ -13,6 +13,10 @@ One step, in the order the code runs it:
                  (GRPO: symmetric clip, k3 KL to the frozen SFT model, seq-mean-token-mean;
                   DAPO: clip-higher, no KL, token-mean over the global batch)
   7. log / eval / save
+Steps 1, 5 and 6 encode each group's image and prompt once and run each completion on top of
+their keys and values (--share_prefix, nanopatho/shared_prefix.py): the same numbers as giving
+every row its own image + prompt + completion, as the code below reads; bench/bench_rl_step.py
+measures the saving.
 
     python train_rl.py --preset toy --algo grpo --init out/sft --out_dir out/rl_grpo
     python train_rl.py --preset toy --algo dapo --init out/sft --out_dir out/rl_dapo

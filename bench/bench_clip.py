@@ -1,11 +1,14 @@
-"""PathoCLIP training step (forward + symmetric InfoNCE + backward + AdamW), images/s, vs open_clip.
+"""PathoCLIP training step (forward + symmetric InfoNCE + backward + AdamW), images/s, vs two peers.
 
-The peer is open_clip's CLIP built from a custom model config with the same tower sizes as the
-toy preset (ViT 64px / patch 8, 4 x 128, 4 heads, mean-pooled; text 3 x 128, 4 heads, context 64,
-vocab 4096, pooled at the last token; embed dim 128), random init, trained with open_clip.ClipLoss.
-Repetitions alternate A B A B after warm-up; the figure is B / median step time. When open_clip
-does not import (it needs a torchvision built for the installed torch), only nanopatho is timed
-and the row says why.
+Peers, each built from the toy preset's tower sizes (ViT 64px / patch 8, 4 x 128, 4 heads, MLP
+512; text 3 x 128, 4 heads, context 64, vocab 4096; embed dim 128), random init:
+  transformers `CLIPModel` (SDPA attention, exact GELU as PathoCLIP), loss from return_loss=True;
+    its vision tower adds a class token (65 tokens per image vs 64) and a pre-LayerNorm, as CLIP does;
+  open_clip `CLIP` (mean-pooled image tower, text pooled at the last token), trained with
+    open_clip.ClipLoss. open_clip needs a torchvision built for the installed torch (see
+    bench/README.md for the separate venv); when it does not import its row says why.
+Every step sees the same batch (B images, B full-length captions). Repetitions alternate
+nanopatho and the peers after warm-up; the figure is B / median step time.
 
     python bench/bench_clip.py
     python bench/bench_clip.py --batch 64
@@ -22,7 +25,7 @@ from bench.peers import interleaved, median  # noqa: E402
 from nanopatho.clip import PathoCLIP, clip_loss  # noqa: E402
 from nanopatho.presets import clip_config  # noqa: E402
 
-TARGET = 1.1  # issue 10: nanopatho >= 1.1x the images/s of open_clip
+TARGET = 1.1  # issue 10: nanopatho >= 1.1x the images/s of each peer
 
 
 def open_clip_peer(cfg):
@@ -37,12 +40,45 @@ def open_clip_peer(cfg):
     return open_clip.CLIP(cfg.embed_dim, vision_cfg, text_cfg), open_clip.ClipLoss()
 
 
+def hf_clip_peer(cfg):
+    """transformers CLIPModel with PathoCLIP cfg's tower sizes; raises ImportError without transformers."""
+    from transformers import CLIPConfig, CLIPModel
+
+    v, t = cfg.vision, cfg.text
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.n_embd, intermediate_size=4 * t.n_embd, num_hidden_layers=t.n_layer,
+                num_attention_heads=t.n_head, max_position_embeddings=t.max_len, hidden_act="gelu")
+    vision = dict(hidden_size=v.n_embd, intermediate_size=int(v.mlp_ratio * v.n_embd), num_hidden_layers=v.n_layer,
+                  num_attention_heads=v.n_head, image_size=v.image_size, patch_size=v.patch_size, hidden_act="gelu")
+    hf_cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim)
+    hf_cfg._attn_implementation = "sdpa"
+    return CLIPModel(hf_cfg)
+
+
 def step_fn(model, opt, loss_of):
     def run():
         opt.zero_grad(set_to_none=True)
         loss_of().backward()
         opt.step()
     return run
+
+
+def peer_steps(cfg, pixels, ids, mask):
+    """{peer name: step function} for every peer that builds here, and {peer name: why not} for the others."""
+    steps, missing = {}, {}
+    try:
+        hf = hf_clip_peer(cfg).train()
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+        steps["transformers CLIPModel"] = step_fn(
+            hf, opt, lambda: hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, return_loss=True).loss)
+    except Exception as e:  # transformers missing
+        missing["transformers CLIPModel"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    try:
+        oc, oc_loss = open_clip_peer(cfg)
+        opt = torch.optim.AdamW(oc.train().parameters(), lr=1e-4)
+        steps["open_clip CLIP"] = step_fn(oc, opt, lambda: oc_loss(*oc(pixels, ids)))
+    except Exception as e:  # open_clip missing, or its torchvision import failing against this torch
+        missing["open_clip CLIP"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return steps, missing
 
 
 def run(batch=128, warmup=2, reps=5, vocab_size=4096):
@@ -59,19 +95,17 @@ def run(batch=128, warmup=2, reps=5, vocab_size=4096):
         step_fn(ours, opt_a, lambda: clip_loss(*ours(pixels, ids, mask)))()
         ours.clamp_logit_scale()
 
-    fns = {"nanopatho": ours_step}
-    try:
-        peer, peer_loss = open_clip_peer(cfg)
-        opt_b = torch.optim.AdamW(peer.train().parameters(), lr=1e-4)
-        fns["peer"] = step_fn(peer, opt_b, lambda: peer_loss(*peer(pixels, ids)))
-        note = f"median of {reps}"
-    except Exception as e:  # open_clip missing, or its torchvision import failing against this torch
-        note = f"open_clip unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    times = interleaved(fns, warmup=warmup, reps=reps)
-    return [dict(benchmark=f"PathoCLIP train step, images/s (toy, B={batch})",
-                 nanopatho=batch / median(times["nanopatho"]),
-                 peer=batch / median(times["peer"]) if "peer" in times else None,
-                 peer_name="open_clip CLIP", target=TARGET, note=note, times=times)]
+    peers, missing = peer_steps(cfg, pixels, ids, mask)
+    times = interleaved({"nanopatho": ours_step, **peers}, warmup=warmup, reps=reps)
+    ours_ips = batch / median(times["nanopatho"])
+    rows = []
+    for name in ("transformers CLIPModel", "open_clip CLIP"):
+        rows.append(dict(benchmark=f"PathoCLIP train step, images/s (toy, B={batch}) vs {name.split()[0]}",
+                         nanopatho=ours_ips, peer=batch / median(times[name]) if name in times else None,
+                         peer_name=name, target=TARGET,
+                         note=f"median of {reps}" if name in times else f"{name.split()[0]} unavailable: {missing[name]}",
+                         times={k: times[k] for k in ("nanopatho", name) if k in times}))
+    return rows
 
 
 def main():
@@ -82,8 +116,8 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for r in run(args.batch, reps=args.reps):
-        peer = "n/a" if r["peer"] is None else f"{r['peer']:.0f}"
-        print(f"{r['benchmark']}: nanopatho {r['nanopatho']:.0f}  open_clip {peer}  [{r['note']}]")
+        peer = "n/a" if r["peer"] is None else f"{r['peer']:.0f}  ratio {r['nanopatho'] / r['peer']:.2f}x"
+        print(f"{r['benchmark']}: nanopatho {r['nanopatho']:.0f}  {r['peer_name']} {peer}  [{r['note']}]")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ Ratios come from the same run on the same machine, nanopatho and the peer timed 
 (A B A B ... after warm-up, median of N). Results go to bench/results/latest.json; --markdown
 prints that file as a markdown table for the README's Performance section.
 
-    pip install -r bench/requirements.txt       # the peers (bench-only dependencies)
-    python bench/run_all.py                     # ~2-4 min on 2 CPU cores, 1 thread
+    pip install --no-deps -r bench/requirements.txt   # the peers (bench-only; see bench/README.md for open_clip)
+    python bench/run_all.py                     # ~5 min on 2 idle CPU cores, 1 thread
     python bench/run_all.py --threads 4 --only lm,generate
     python bench/run_all.py --markdown          # the saved table, as markdown
     python bench/run_all.py --with_loss         # also run bench/bench_loss.py (the RL loss) after the table
@@ -26,10 +26,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from bench import bench_clip, bench_generate, bench_lm, bench_mfu  # noqa: E402
+from bench import bench_clip, bench_generate, bench_lm, bench_mfu, bench_rl_step  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "latest.json")
-BENCHES = {"lm": bench_lm.run, "generate": bench_generate.run, "clip": bench_clip.run,
+BENCHES = {"lm": bench_lm.run, "generate": bench_generate.run, "clip": bench_clip.run, "rl": bench_rl_step.run,
            "mfu": lambda: bench_mfu.run("cuda" if torch.cuda.is_available() else "cpu")}
 COLUMNS = ("benchmark", "nanopatho", "peer", "ratio", "target", "met?")
 
@@ -40,14 +40,16 @@ def cells(r):
         return [r["benchmark"], f"{100 * r['nanopatho']:.1f}% MFU", "-", "-", "-", "-"]
     if r.get("error"):
         return [r["benchmark"], "error", "-", "-", "-", "-"]
-    ours = f"{r['nanopatho']:,.0f}"
+    lower = r.get("lower_is_better", False)  # seconds (the RL step) rather than throughput
+    number = "{:,.2f}" if lower else "{:,.0f}"
+    ours, target = number.format(r["nanopatho"]), f"{'<=' if lower else '>='} {r['target']}x"
     if r["peer"] is None:
-        return [r["benchmark"], ours, "n/a", "-", f">= {r['target']}x", "-"]
+        return [r["benchmark"], ours, "n/a", "-", target, "-"]
     ratio = r["nanopatho"] / r["peer"]
-    met = "yes" if ratio >= r["target"] else "NO"
+    met = "yes" if (ratio <= r["target"] if lower else ratio >= r["target"]) else "NO"
     if r.get("identical") is False:
         met = "NO (tokens differ)"
-    return [r["benchmark"], ours, f"{r['peer']:,.0f}", f"{ratio:.2f}x", f">= {r['target']}x", met]
+    return [r["benchmark"], ours, number.format(r["peer"]), f"{ratio:.2f}x", target, met]
 
 
 def table(results, markdown=False):

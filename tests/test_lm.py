@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanopatho.lm import (LM, KVCache, LMConfig, RMSNorm, apply_rope, filter_top_k_top_p, lm_loss, padding_attn_mask,
-                          positions_from_mask, rope_cos_sin)
+                          positions_from_mask, rope_cos_sin, sample_next)
 
 V = 64
 
@@ -256,6 +256,21 @@ def test_top_k_top_p_restrict_support():
     for seed in range(5):
         out = lm.generate(ids, mask, max_new_tokens=1, temperature=2.0, top_k=3, generator=torch.Generator().manual_seed(seed))
         assert (out.ids[:, :1] == top3).any(-1).all()
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    # inverse-CDF sampling: 40,000 rows of one distribution with a zero-probability token and a tiny one
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.2499, 0.0001])
+    logits = probs.log().expand(40000, 5).contiguous()  # log 0 = -inf: never drawable
+    tok, logp = sample_next(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=5).double() / len(tok)
+    sigma = (probs.double() * (1 - probs.double()) / len(tok)).sqrt()
+    assert freq[1] == 0 and ((freq - probs.double()).abs() <= 4 * sigma + 1e-12).all(), freq.tolist()
+    assert torch.allclose(logp, probs.log()[tok])  # log p of the drawn token
+    # a greedy-peaked row and a uniform row at temperature 2: tokens stay in the vocabulary
+    tok, _ = sample_next(torch.tensor([[50.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), temperature=2.0,
+                         generator=torch.Generator().manual_seed(1))
+    assert tok[0] == 0 and 0 <= tok[1] < 3
 
 
 def test_stop_tokens_end_rows():

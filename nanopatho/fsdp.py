@@ -22,31 +22,38 @@ full parameters and forwards need no collective (memory: the full model on each 
 """
 
 import contextlib
+import sys
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from nanopatho import dist
 from nanopatho.checkpoint import tied_names
 
+# torch.distributed.fsdp / .tensor / .checkpoint take seconds to import: they are imported by the
+# functions that use them, so a run without --fsdp never pays for them
 ROOT_ONLY = {"VLM": ("vision.", "projector.")}  # kept in the root unit (see above), by model class
 
 
 def is_sharded(model):
-    return isinstance(model, FSDPModule)
+    fsdp_module = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    return fsdp_module is not None and isinstance(model, fsdp_module.FSDPModule)
 
 
 def _class_name(model):
-    return next(c.__name__ for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    return next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))  # FSDPVLM -> VLM
+
+
+def _state_dict_api():
+    import torch.distributed.checkpoint.state_dict as api
+    return api
 
 
 def shard(model, device):
     """fully_shard every block of every nn.ModuleList (but ROOT_ONLY's), then the root; in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mesh = init_device_mesh(device.type, (dist.world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
@@ -62,6 +69,8 @@ def shard(model, device):
 
 def average_unsharded_grads(model):
     """Mean over ranks of the gradients FSDP does not reduce (the replicated scalar parameters)."""
+    from torch.distributed.tensor import DTensor
+
     for p in model.parameters():
         if p.grad is not None and not isinstance(p, DTensor):
             dist.all_reduce_sum(p.grad).div_(dist.world_size())
@@ -81,14 +90,16 @@ def unused_vision_zero(model, has_images, device):
 
 def full_state(model):
     """Every weight, gathered to rank 0's CPU, tied duplicates dropped ({} on other ranks). Collective."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    api = _state_dict_api()
+    state = api.get_model_state_dict(model, options=api.StateDictOptions(full_state_dict=True, cpu_offload=True))
     tied = tied_names(model)  # saved once, under the first name, as checkpoint.untied_state does
     return {k: v for k, v in state.items() if k not in tied}
 
 
 def load_full_state(model, state):
     """Load full tensors (every rank passes the whole state) into the shards."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    api = _state_dict_api()
+    api.set_model_state_dict(model, state, options=api.StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _optimizer_names(model, optimizer):
@@ -100,7 +111,9 @@ def _optimizer_names(model, optimizer):
 def full_optimizer_state(model, optimizer):
     """The optimizer's state in optimizer.state_dict()'s layout (parameters by index), gathered to rank 0
     (None on other ranks). Collective."""
-    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    api = _state_dict_api()
+    full = api.get_optimizer_state_dict(model, optimizer,
+                                        options=api.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_main():
         return None
     index = {n: i for i, n in enumerate(_optimizer_names(model, optimizer))}
@@ -113,7 +126,8 @@ def load_full_optimizer_state(model, optimizer, state):
     names = _optimizer_names(model, optimizer)
     groups = [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]
     full = {"state": {names[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
-    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    api = _state_dict_api()
+    api.set_optimizer_state_dict(model, optimizer, full, options=api.StateDictOptions(full_state_dict=True))
 
 
 @contextlib.contextmanager
@@ -123,7 +137,7 @@ def unsharded(model):
     if not is_sharded(model):
         yield
         return
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    units = [m for m in model.modules() if is_sharded(m)]  # the root first
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()  # all-gather (collective)

@@ -50,10 +50,14 @@ def _state_dict_api():
 
 
 def shard(model, device):
-    """fully_shard every block of every nn.ModuleList (but ROOT_ONLY's), then the root; in place."""
+    """fully_shard every block of every nn.ModuleList (but ROOT_ONLY's), then the root; in place. Every
+    rank starts from rank 0's weights, as under DDP (each rank's init is seeded differently)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, 0)
     mesh = init_device_mesh(device.type, (dist.world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
@@ -133,7 +137,11 @@ def load_full_optimizer_state(model, optimizer, state):
 @contextlib.contextmanager
 def unsharded(model):
     """Inside, every FSDP unit of `model` holds its full parameters and its forwards run no collective,
-    so ranks may run different numbers of forwards. Every rank enters together; no-op unless sharded."""
+    so ranks may run different numbers of forwards. Every rank enters together, between optimizer steps
+    (never inside a gradient-accumulation sequence); no-op unless sharded.
+
+    On the way out FSDP forgets the forwards run inside (reset_iter_state): it orders its backward
+    all-gathers by the forwards it recorded, and records that differ between ranks would deadlock them."""
     if not is_sharded(model):
         yield
         return
@@ -144,7 +152,6 @@ def unsharded(model):
     try:
         yield
     finally:
-        for unit in units:
-            unit.reshard()
+        model.reset_iter_state()  # reshards every unit, clears the recorded forward order
         for unit in units[1:]:  # the root keeps False: fully_shard's own choice for it
             unit.set_reshard_after_forward(True, recurse=False)

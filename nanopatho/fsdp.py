@@ -68,6 +68,9 @@ def shard(model, device):
                 fully_shard(block, mesh=mesh, mp_policy=policy)
     scalars = {p for p in model.parameters() if p.dim() == 0}
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=scalars or None)
+    # FSDP takes the first unit to run a forward for the root; RL's generation runs the LM's blocks
+    # before any forward of the whole model, so the root is fixed here, as its first forward would
+    model._get_fsdp_state()._lazy_init()
     return model
 
 

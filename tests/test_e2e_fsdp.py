@@ -27,6 +27,7 @@ from nanopatho.next_token import Examples
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
+TIMEOUT = 600  # seconds a run may take on a loaded machine (each takes seconds on an idle one)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def world(tmp_path_factory):
 
 def torchrun_script(script, world, out_dir, extra):
     cmd = command(script, world, out_dir, extra)[1:]  # drop the python executable: torchrun starts it
-    proc = subprocess.run(TORCHRUN + cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(TORCHRUN + cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -64,7 +65,7 @@ def test_pretrain_two_sharded_ranks_equal_one_process_with_double_batch(world, t
     assert [True, False] in ranks_with_images(world, 2) and [False, True] in ranks_with_images(world, 2)
     common = ["--max_steps", 2, "--save_every", 1, "--augment", "false"]
     torchrun_script("train_pretrain.py", world, tmp_path / "fsdp", common + ["--batch_size", 2, "--fsdp"])
-    one = run_script("train_pretrain.py", world, tmp_path / "one", common + ["--batch_size", 4])
+    one = run_script("train_pretrain.py", world, tmp_path / "one", common + ["--batch_size", 4], timeout=TIMEOUT)
     assert one.returncode == 0, one.stderr[-3000:]
     after_step_1 = load_file(os.path.join(checkpoint.latest_checkpoint(tmp_path / "one"), "model.safetensors"))
     # AdamW's first steps divide by sqrt(v) + eps: fp32 noise of the reduction order is amplified for the
@@ -95,14 +96,17 @@ def test_sft_sharded_resume_is_bitwise_exact(world, tmp_path):
     assert drop(metrics(cut)) == drop(metrics(tmp_path / "full"))
 
 
-@pytest.mark.parametrize("script,extra", [("train_clip.py", ["--eval_every", 1, "--eval_tasks", "zeroshot"]),
-                                          ("train_rl.py", ["--algo", "grpo", "--eval_every", 1])])
-def test_sharded_run_equals_ddp_run(script, extra, world, tmp_path):
+# GRPO: the KL reference is in use; overlong shaping makes the untrained policy's rewards differ, so it
+# moves (by ~4e-6 at lr 1e-6: the tolerance is set below that)
+@pytest.mark.parametrize("script,extra,atol", [
+    ("train_clip.py", ["--eval_every", 1, "--eval_tasks", "zeroshot"], 1e-5),
+    ("train_rl.py", ["--algo", "grpo", "--overlong_shaping", 1, "--eval_every", 1], 1e-7)])
+def test_sharded_run_equals_ddp_run(script, extra, atol, world, tmp_path):
     args = ["--max_steps", 2, "--save_every", 0, *extra]
     sharded = torchrun_script(script, world, tmp_path / "fsdp", args + ["--fsdp"])
     torchrun_script(script, world, tmp_path / "ddp", args)
     init = load_weights(world["init"]) if script == "train_rl.py" else None  # (PathoCLIP's init is not saved)
-    assert_close(load_weights(tmp_path / "fsdp"), load_weights(tmp_path / "ddp"), init)
+    assert_close(load_weights(tmp_path / "fsdp"), load_weights(tmp_path / "ddp"), init, atol=atol)
     timing = {"elapsed", "gen_seconds", "score_seconds", "update_seconds"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     for r, q in zip(strip(metrics(tmp_path / "fsdp")), strip(metrics(tmp_path / "ddp"))):

@@ -29,6 +29,7 @@ TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
 needs_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 STREAM = ["--stream", "--num_workers", "2"]
 TIMING_KEYS = {"elapsed", "gen_seconds", "score_seconds", "update_seconds"}
+TIMEOUT = 600  # seconds a run may take on a loaded machine (each takes seconds on an idle one)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def world(tmp_path_factory):
     return w
 
 
-def torchrun(args, timeout=240):
+def torchrun(args, timeout=TIMEOUT):
     return subprocess.run(TORCHRUN + args, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -51,20 +52,20 @@ def png(colour):
 def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(world, tmp_path):
     """36 pairs in 4 shards, 2 workers: each worker's epoch is 18 pairs, ~20 steps of this run."""
     args = ["--max_steps", 10, "--train_file", world["shards"], *STREAM]
-    ref = run_script("train_pretrain.py", world, tmp_path / "ref", args + ["--save_every", 0])
+    ref = run_script("train_pretrain.py", world, tmp_path / "ref", args + ["--save_every", 0], timeout=TIMEOUT)
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "run"
     proc = start_script("train_pretrain.py", world, out, args + ["--save_every", 1, "--keep_checkpoints", 2])
     kill_after = random.randint(2, 6)
-    wait_for(lambda: len(metrics(out)) >= kill_after and checkpoint.latest_checkpoint(out), proc)
+    wait_for(lambda: len(metrics(out)) >= kill_after and checkpoint.latest_checkpoint(out), proc, timeout=TIMEOUT)
     assert kill(proc) == -9
     assert not os.path.exists(out / "model.safetensors")
     snap = checkpoint.latest_checkpoint(out)
     with open(os.path.join(snap, "train_state.json")) as f:
         positions = json.load(f)["state"]["data"][0]["positions"]
     assert all(epoch == 0 and 0 < cursor < 18 for epoch, cursor in positions), positions  # mid-epoch, both roles
-    resumed = run_script("train_pretrain.py", world, out, args + ["--save_every", 1, "--keep_checkpoints", 2,
-                                                                   "--resume"])
+    resumed = run_script("train_pretrain.py", world, out, args + ["--save_every", 1, "--keep_checkpoints", 2, "--resume"],
+                         timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {snap}" in resumed.stdout
     assert_bitwise_equal(load_weights(out), load_weights(tmp_path / "ref"))
@@ -125,7 +126,7 @@ def test_skip_bad_samples_counts_over_ranks_and_workers(world, tmp_path):
     proc = torchrun(command("train_pretrain.py", world, tmp_path / "out", args + ["--skip_bad_samples"])[1:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped samples 4 ->" in proc.stdout, proc.stdout[-2000:]
-    failed = run_script("train_pretrain.py", world, tmp_path / "out2", args)
+    failed = run_script("train_pretrain.py", world, tmp_path / "out2", args, timeout=TIMEOUT)
     assert_clean_failure(failed, r"^error: \S+shard-\d\.tar(:\w+)?: (image data is not a readable image|missing "
                                  r"caption|\.png is cut short|unreadable tar shard)")
 
@@ -144,7 +145,8 @@ def test_every_stage_trains_with_stream(script, world, tmp_path):
     extra = []
     if script == "train_sft.py":
         extra = ["--train_file", crlf_bom_copy(world["data"], "sft_train.jsonl", "sft_train_windows.jsonl")]
-    proc = run_script(script, world, tmp_path / "out", ["--max_steps", 2, "--save_every", 0, *STREAM, *extra])
+    proc = run_script(script, world, tmp_path / "out", ["--max_steps", 2, "--save_every", 0, *STREAM, *extra],
+                      timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped samples 0" in proc.stdout and "stream" in proc.stdout
     assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2]

@@ -16,9 +16,15 @@ Checkpoints keep the single-process layout: `full_state` / `full_optimizer_state
 rank 0's CPU (every rank must call them), and `load_full_state` / `load_full_optimizer_state` load such
 a file into the shards, so a checkpoint written with --fsdp loads without it and the other way round.
 
-Generation, old / reference log-probs and rank-0 evaluation run a different number of forwards on each
-rank, and a sharded forward is a collective. They run inside `unsharded(model)`: every unit holds its
-full parameters and forwards need no collective (memory: the full model on each rank while inside).
+Generation (RL rollouts), old log-probs, validation and rank-0 evaluation run a different number of
+forwards on each rank, and a sharded forward is a collective. They run inside `unsharded(model)`: every
+unit holds its full parameters and forwards need no collective (memory: the full model on each rank
+while inside, as FSDP1's summon_full_params). RL's frozen KL reference is not sharded at all.
+
+Two FSDP2 details this file handles: the root is fixed when sharding (FSDP otherwise takes the first
+unit to run a forward, and RL generates with the LM's blocks before any forward of the whole model), and
+`unsharded` ends with reset_iter_state (FSDP orders its backward all-gathers by the forwards it recorded;
+forwards that differ between ranks would deadlock the next backward).
 """
 
 import contextlib
@@ -141,10 +147,8 @@ def load_full_optimizer_state(model, optimizer, state):
 def unsharded(model):
     """Inside, every FSDP unit of `model` holds its full parameters and its forwards run no collective,
     so ranks may run different numbers of forwards. Every rank enters together, between optimizer steps
-    (never inside a gradient-accumulation sequence); no-op unless sharded.
-
-    On the way out FSDP forgets the forwards run inside (reset_iter_state): it orders its backward
-    all-gathers by the forwards it recorded, and records that differ between ranks would deadlock them."""
+    (never inside a gradient-accumulation sequence); no-op unless sharded. On the way out FSDP forgets
+    the forwards run inside (reset_iter_state)."""
     if not is_sharded(model):
         yield
         return

@@ -64,8 +64,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_exact(world, tmp_path):
     with open(os.path.join(snap, "train_state.json")) as f:
         positions = json.load(f)["state"]["data"][0]["positions"]
     assert all(epoch == 0 and 0 < cursor < 18 for epoch, cursor in positions), positions  # mid-epoch, both roles
-    resumed = run_script("train_pretrain.py", world, out, args + ["--save_every", 1, "--keep_checkpoints", 2, "--resume"],
-                         timeout=TIMEOUT)
+    resumed = run_script("train_pretrain.py", world, out,
+                         args + ["--save_every", 1, "--keep_checkpoints", 2, "--resume"], timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {snap}" in resumed.stdout
     assert_bitwise_equal(load_weights(out), load_weights(tmp_path / "ref"))

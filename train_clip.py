@@ -120,7 +120,8 @@ class PairPlan:
     """--stream: a pair -> (uint8 image, caption pool) in a worker; batches collated as the preloaded path's."""
 
     def __init__(self, cfg, tokenizer, image_size, text_len):
-        self.cfg, self.tokenizer, self.image_size, self.text_len, self.rank = cfg, tokenizer, image_size, text_len, dist.rank()
+        self.cfg, self.tokenizer, self.image_size, self.text_len = cfg, tokenizer, image_size, text_len
+        self.rank = dist.rank()
 
     def rows(self, k):
         return self.cfg.batch_size
@@ -212,9 +213,9 @@ def final_eval(cfg, model, tokenizer, device, t0, skipped_steps, bad):
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump({"ckpt": cfg.out_dir, "model_type": "clip", "data": cfg.data, "results": results}, f, indent=2)
     zs = results.get("zeroshot", {})
+    chance = zs.get("chance", {}).get("accuracy", float("nan"))
     training.print0(f"[clip] done in {time.time() - t0:.0f}s: zero-shot acc {zs.get('accuracy', float('nan')):.3f} "
-                    f"(chance {zs.get('chance', {}).get('accuracy', float('nan')):.3f}), skipped steps {skipped_steps}, "
-                    f"skipped samples {bad} -> {cfg.out_dir}")
+                    f"(chance {chance:.3f}), skipped steps {skipped_steps}, skipped samples {bad} -> {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def empty_examples(size):
 
 def streamed_data(cfg, tokenizer, model, size):
     """--stream: (train Stream, the first validation rows as Examples, bad samples skipped so far)."""
-    textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) if cfg.textbook_file else ([], 0)
+    textbook, bad_text = ([], 0) if not cfg.textbook_file else \
+        textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file))
     n_val = cfg.eval_batches * cfg.batch_size * dist.world_size()  # all that validation_loss reads
     val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size, n_val) \
         if cfg.val_file else (empty_examples(size), 0)

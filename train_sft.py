@@ -68,7 +68,8 @@ def conversation_examples(cfg, tokenizer, n_image_tokens, image_size, convs=None
     skipped, val_only = 0, convs is not None
     if convs is None:
         path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
-        convs, skipped = load_conversations(path, skip_bad=cfg.skip_bad_samples, allow_outside_root=cfg.allow_outside_root)
+        convs, skipped = load_conversations(path, skip_bad=cfg.skip_bad_samples,
+                                            allow_outside_root=cfg.allow_outside_root)
     with_image = [{"image": c["images"][0], "source": c["source"]} for c in convs if c["images"]]
     images, kept, bad = preload_images(with_image, image_size, skip_bad=cfg.skip_bad_samples, desc="sft images")
     slot = {item["source"]: i for i, item in enumerate(kept)}

@@ -78,6 +78,13 @@ def all_reduce_max(x):
     return x
 
 
+def broadcast(x, src=0):
+    """Overwrite x (in place) with rank src's x; identity in one process."""
+    if is_dist():
+        dist.broadcast(x, src=src)
+    return x
+
+
 def all_gather_object(obj):
     """[rank 0's obj, rank 1's obj, ...] on every rank (any picklable object); [obj] in one process."""
     if not is_dist():

@@ -16,37 +16,54 @@ Checkpoints keep the single-process layout: `full_state` / `full_optimizer_state
 rank 0's CPU (every rank must call them), and `load_full_state` / `load_full_optimizer_state` load such
 a file into the shards, so a checkpoint written with --fsdp loads without it and the other way round.
 
-Generation, old / reference log-probs and rank-0 evaluation run a different number of forwards on each
-rank, and a sharded forward is a collective. They run inside `unsharded(model)`: every unit holds its
-full parameters and forwards need no collective (memory: the full model on each rank while inside).
+Generation (RL rollouts), old log-probs, validation and rank-0 evaluation run a different number of
+forwards on each rank, and a sharded forward is a collective. They run inside `unsharded(model)`: every
+unit holds its full parameters and forwards need no collective (memory: the full model on each rank
+while inside, as FSDP1's summon_full_params). RL's frozen KL reference is not sharded at all.
+
+Two FSDP2 details this file handles: the root is fixed when sharding (FSDP otherwise takes the first
+unit to run a forward, and RL generates with the LM's blocks before any forward of the whole model), and
+`unsharded` ends with reset_iter_state (FSDP orders its backward all-gathers by the forwards it recorded;
+forwards that differ between ranks would deadlock the next backward).
 """
 
 import contextlib
+import sys
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from nanopatho import dist
 from nanopatho.checkpoint import tied_names
 
+# torch.distributed.fsdp / .tensor / .checkpoint take seconds to import: they are imported by the
+# functions that use them, so a run without --fsdp never pays for them
 ROOT_ONLY = {"VLM": ("vision.", "projector.")}  # kept in the root unit (see above), by model class
 
 
 def is_sharded(model):
-    return isinstance(model, FSDPModule)
+    fsdp_module = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    return fsdp_module is not None and isinstance(model, fsdp_module.FSDPModule)
 
 
 def _class_name(model):
-    return next(c.__name__ for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    return next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))  # FSDPVLM -> VLM
+
+
+def _state_dict_api():
+    import torch.distributed.checkpoint.state_dict as api
+    return api
 
 
 def shard(model, device):
-    """fully_shard every block of every nn.ModuleList (but ROOT_ONLY's), then the root; in place."""
+    """fully_shard every block of every nn.ModuleList (but ROOT_ONLY's), then the root; in place. Every
+    rank starts from rank 0's weights, as under DDP (each rank's init is seeded differently)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, 0)
     mesh = init_device_mesh(device.type, (dist.world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
@@ -57,11 +74,16 @@ def shard(model, device):
                 fully_shard(block, mesh=mesh, mp_policy=policy)
     scalars = {p for p in model.parameters() if p.dim() == 0}
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=scalars or None)
+    # FSDP takes the first unit to run a forward for the root; RL's generation runs the LM's blocks
+    # before any forward of the whole model, so the root is fixed here, as its first forward would
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
 def average_unsharded_grads(model):
     """Mean over ranks of the gradients FSDP does not reduce (the replicated scalar parameters)."""
+    from torch.distributed.tensor import DTensor
+
     for p in model.parameters():
         if p.grad is not None and not isinstance(p, DTensor):
             dist.all_reduce_sum(p.grad).div_(dist.world_size())
@@ -81,14 +103,16 @@ def unused_vision_zero(model, has_images, device):
 
 def full_state(model):
     """Every weight, gathered to rank 0's CPU, tied duplicates dropped ({} on other ranks). Collective."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    api = _state_dict_api()
+    state = api.get_model_state_dict(model, options=api.StateDictOptions(full_state_dict=True, cpu_offload=True))
     tied = tied_names(model)  # saved once, under the first name, as checkpoint.untied_state does
     return {k: v for k, v in state.items() if k not in tied}
 
 
 def load_full_state(model, state):
     """Load full tensors (every rank passes the whole state) into the shards."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    api = _state_dict_api()
+    api.set_model_state_dict(model, state, options=api.StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _optimizer_names(model, optimizer):
@@ -100,7 +124,9 @@ def _optimizer_names(model, optimizer):
 def full_optimizer_state(model, optimizer):
     """The optimizer's state in optimizer.state_dict()'s layout (parameters by index), gathered to rank 0
     (None on other ranks). Collective."""
-    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    api = _state_dict_api()
+    full = api.get_optimizer_state_dict(model, optimizer,
+                                        options=api.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_main():
         return None
     index = {n: i for i, n in enumerate(_optimizer_names(model, optimizer))}
@@ -113,24 +139,26 @@ def load_full_optimizer_state(model, optimizer, state):
     names = _optimizer_names(model, optimizer)
     groups = [dict(g, params=[names[i] for i in g["params"]]) for g in state["param_groups"]]
     full = {"state": {names[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
-    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    api = _state_dict_api()
+    api.set_optimizer_state_dict(model, optimizer, full, options=api.StateDictOptions(full_state_dict=True))
 
 
 @contextlib.contextmanager
 def unsharded(model):
     """Inside, every FSDP unit of `model` holds its full parameters and its forwards run no collective,
-    so ranks may run different numbers of forwards. Every rank enters together; no-op unless sharded."""
+    so ranks may run different numbers of forwards. Every rank enters together, between optimizer steps
+    (never inside a gradient-accumulation sequence); no-op unless sharded. On the way out FSDP forgets
+    the forwards run inside (reset_iter_state)."""
     if not is_sharded(model):
         yield
         return
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the root first
+    units = [m for m in model.modules() if is_sharded(m)]  # the root first
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()  # all-gather (collective)
     try:
         yield
     finally:
-        for unit in units:
-            unit.reshard()
+        model.reset_iter_state()  # reshards every unit, clears the recorded forward order
         for unit in units[1:]:  # the root keeps False: fully_shard's own choice for it
             unit.set_reshard_after_forward(True, recurse=False)

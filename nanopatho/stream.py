@@ -214,7 +214,8 @@ class TarShards:
 
     def __init__(self, shards, buffer=1000):
         self.shards, self.buffer = [os.fspath(s) for s in shards], buffer
-        self.name = self.shards[0] if len(self.shards) == 1 else f"{os.path.dirname(self.shards[0])} ({len(self.shards)} shards)"
+        many = f"{os.path.dirname(self.shards[0])} ({len(self.shards)} shards)"
+        self.name = self.shards[0] if len(self.shards) == 1 else many
         for shard in self.shards:
             data.check_file(shard)
         self.files = _Files()
@@ -264,7 +265,8 @@ class TarShards:
             f.seek(offset)
             payloads[ext] = f.read(size)
             if len(payloads[ext]) != size:
-                raise DataError(f"{source}: .{ext} is cut short ({len(payloads[ext])} of {size} bytes: truncated shard)")
+                raise DataError(f"{source}: .{ext} is cut short ({len(payloads[ext])} of {size} bytes: "
+                                f"truncated shard)")
         return data.tar_pair(source, payloads)
 
 
@@ -297,7 +299,7 @@ def open_records(path, required, *, root=None, allow_outside_root=False, image_k
 
 
 class _Parse:
-    """parse(source, raw) = fn(source, raw, **kwargs); a class rather than a lambda so a spawned worker can unpickle it."""
+    """parse(source, raw) = fn(source, raw, **kwargs): a class, not a lambda, so a spawned worker can unpickle it."""
 
     def __init__(self, fn, **kwargs):
         self.fn, self.kwargs = fn, kwargs

@@ -86,7 +86,7 @@ def wrap(model, device, use_fsdp=False, find_unused_parameters=False):
 
 
 def no_sync_unless(model, sync):
-    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) on accumulation micro-steps (sync only on the last)."""
+    """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) on accumulation micro-steps (sync on the last)."""
     if fsdp.is_sharded(model):
         model.set_requires_gradient_sync(sync)
     elif isinstance(model, DDP) and not sync:

@@ -5,14 +5,18 @@ keep every run to a few seconds on two CPU cores.
     world = tiny_world(tmp_path_factory)          # {"data": dir, "init": VLM checkpoint dir}
     proc = run_script("train_sft.py", world, out_dir, ["--max_steps", "2"])
     weights = load_weights(out_dir)                 # name -> tensor of out_dir/model.safetensors
+    shard_dir = write_shards(world["data"], tmp_path / "shards", n_shards=4)   # WebDataset copy of the captions
 """
 
+import io
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import torch
@@ -151,3 +155,29 @@ def copy_world(world, dest):
     """A private copy of the world's data directory (to corrupt)."""
     shutil.copytree(world["data"], dest)
     return dict(world, data=str(dest))
+
+
+def write_tar(path, samples):
+    """samples: [(key, {extension: bytes})] -> a WebDataset shard (consecutive members per key)."""
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, payload in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def write_shards(data, out, n_shards, manifest="captions_train.jsonl"):
+    """The manifest's image-caption pairs as n_shards WebDataset shards ({i:06d}.png + .txt), in order."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(data, manifest)) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    per = -(-len(rows) // n_shards)
+    for s in range(n_shards):
+        samples = []
+        for i, row in enumerate(rows[s * per:(s + 1) * per], s * per):
+            with open(os.path.join(data, row["image"]), "rb") as img:
+                samples.append((f"{i:06d}", {"png": img.read(), "txt": row["caption"].encode()}))
+        write_tar(os.path.join(out, f"shard-{s:04d}.tar"), samples)
+    return str(out)

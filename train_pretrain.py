@@ -252,7 +252,7 @@ def main(argv=None):
         train_set, bad = mix_text(train_caps, textbook, cfg.textbook_ratio), bad_train + bad_text + bad_val
         reading = reading_seqs(tokenizer, resolve(cfg, cfg.reading_file), cfg.max_seq_len) \
             if cfg.reading_file and use_text else []
-        train_set = mix_text(train_set, reading, cfg.reading_ratio)
+        train_set = mix_text(train_set, reading, cfg.reading_ratio, subsample=True)
         training.print0(f"[pretrain] {len(train_caps)} caption + {len(textbook)} textbook + {len(reading)} reading "
                         f"examples ({len(train_set)} after mixing), {len(val_set)} val; skipped bad samples: {bad}; "
                         f"params: {count_params(model)}")

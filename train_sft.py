@@ -131,7 +131,8 @@ def main(argv=None):
         if cfg.stream:
             training.fail("--reading_file mixes into the preloaded conversations; it does not combine with --stream")
         path = cfg.reading_file if os.path.isabs(cfg.reading_file) else os.path.join(cfg.data, cfg.reading_file)
-        train_set = mix_text(train_set, reading_seqs(tokenizer, path, cfg.max_seq_len), cfg.reading_ratio)
+        train_set = mix_text(train_set, reading_seqs(tokenizer, path, cfg.max_seq_len), cfg.reading_ratio,
+                             subsample=True)
     if cfg.freeze_vision:
         model.freeze_vision()
     n_train = f"{len(train_set.source)} streamed" if cfg.stream else len(train_set)

@@ -51,13 +51,14 @@ class TrainConfig(RunConfig):
     reading_ratio: float = field(0.1, "fraction of training rows that are --reading_file rows")
 
 
-def mix_text(examples, text_seqs, ratio):
-    """Append text-only rows, repeated so they are about `ratio` of the combined examples
-    (stage 1's textbook paragraphs; the reading rows that keep stage 0's skill alive)."""
+def mix_text(examples, text_seqs, ratio, subsample=False):
+    """Append text-only rows so they are about `ratio` of the combined examples: each row at least once,
+    repeated to reach the ratio (stage 1's textbook paragraphs). subsample=True takes an evenly spaced
+    subset instead when there are more rows than the ratio needs (stage 0's large reading corpus)."""
     if not text_seqs or ratio <= 0:
         return examples
     wanted = round(ratio * len(examples) / (1 - ratio))
-    if wanted < len(text_seqs):  # more rows than needed: an evenly spaced subset (all levels, all skills)
+    if subsample and wanted < len(text_seqs):
         extra = [text_seqs[i * len(text_seqs) // wanted] for i in range(wanted)]
     else:
         extra = text_seqs * max(1, round(wanted / len(text_seqs)))

@@ -20,10 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train_pretrain
 from e2e_util import ROOT, command, env, load_weights, metrics, run_script, tiny_world
 from nanopatho import checkpoint, training
-from nanopatho.next_token import Examples
+from nanopatho.next_token import Examples, mix_text
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
@@ -55,7 +54,7 @@ def ranks_with_images(world, steps, batch_size=2):
     """Per step, whether each of 2 ranks' pretrain micro-batch holds an image (the real mix + batch_indices)."""
     n_caps, n_text = (sum(1 for _ in open(os.path.join(world["data"], f))) for f in ("captions_train.jsonl",
                                                                                    "textbook.jsonl"))
-    mixed = train_pretrain.mix(Examples([None] * n_caps, list(range(n_caps)), None), [None] * n_text, 0.2)
+    mixed = mix_text(Examples([None] * n_caps, list(range(n_caps)), None), [None] * n_text, 0.2)
     return [[any(mixed.image_index[i] >= 0 for i in training.batch_indices(len(mixed), batch_size, step, 0, r, 2))
              for r in (0, 1)] for step in range(steps)]
 

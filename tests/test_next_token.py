@@ -107,6 +107,7 @@ def test_mix_text_reaches_the_ratio_by_repeating_or_subsampling():
     mixed = mix_text(base, few, 0.2)  # 20 wanted: the 5 rows 4 times
     assert len(mixed) == 100 and mixed.image_index[80:] == [-1] * 20 and mixed.seqs[80:85] == few
     many = [([i], [1]) for i in range(200)]
-    mixed = mix_text(base, many, 0.2)  # 20 wanted of 200: every 10th row
+    assert len(mix_text(base, many, 0.2)) == 280  # default: every row at least once (the textbook convention)
+    mixed = mix_text(base, many, 0.2, subsample=True)  # 20 wanted of 200: every 10th row
     assert [s[0][0] for s in mixed.seqs[80:]] == list(range(0, 200, 10))
     assert mix_text(base, many, 0.0) is base and mix_text(base, [], 0.5) is base

@@ -293,6 +293,22 @@ def test_skip_bad_samples_counts_exactly_what_the_consumed_batches_skipped(tmp_p
     assert 5 <= one.n_bad <= 10 and one.positions[0][0] == 1
 
 
+def test_bad_manifest_lines_name_their_line_through_workers(tmp_path):
+    """A JSONL read by workers: a malformed line, a missing image; one-line file:line errors, or counted."""
+    (tmp_path / "a.png").write_bytes(png((1, 2, 3)))
+    lines = [json.dumps({"image": "a.png", "caption": f"c{i}"}) for i in range(8)]
+    lines[2], lines[5] = '{"image": "a.png", "caption": ', json.dumps({"image": "gone.png", "caption": "c"})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    s = stream.Stream(stream.open_pairs(path), SourcesPlan(batch_size=2), seed=0, num_workers=2)
+    with pytest.raises(DataError, match=rf"^{path}:(3: malformed JSON|6: image 'gone.png' not found)"):
+        take(s, 4)
+    skipping = stream.Stream(stream.open_pairs(path), SourcesPlan(batch_size=2), seed=0, num_workers=1, skip_bad=True)
+    sources = [src for b in take(skipping, 3) for src in b["sources"]]  # one worker: its 6 good lines, one epoch
+    assert sorted(sources) == [f"{path}:{n}" for n in (1, 2, 4, 5, 7, 8)] and skipping.n_bad <= 2
+    skipping.close()
+
+
 def test_truncated_shard_error_without_skip(tmp_path):
     root = bad_shards(tmp_path)
     s = stream.Stream(stream.TarShards([root / "shard-001.tar"]), SourcesPlan(batch_size=1), seed=0)

@@ -303,6 +303,13 @@ def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask,
     return {k: v / max(n_updates, 1) for k, v in stats_sum.items()}
 
 
+def every_rank_has_rows(batch, device):
+    """Whether the update can run: its collectives (global token counts, DDP's gradient all-reduce)
+    need every rank, so a step where dynamic sampling left some rank no group trains on none."""
+    empty = torch.tensor(float(batch["ids"].shape[0] == 0), device=device)
+    return dist.all_reduce_max(empty).item() == 0
+
+
 def global_mean(values, device):
     """Mean of a per-rollout quantity over every rank's rows."""
     t = torch.tensor([float(values.sum()), float(values.numel())], device=device)
@@ -378,7 +385,7 @@ def main(argv=None):
                    truncated=global_mean(batch["truncated"].float(), device), **sampling)
         for k, name in enumerate(KINDS):
             row[f"accuracy_{name}"] = global_mean(batch["acc"][batch["kind"] == k], device)
-        if batch["ids"].shape[0] > 0:
+        if every_rank_has_rows(batch, device):
             adv = rl.group_advantages(batch["reward"], cfg.group_size, scale=cfg.adv_scale).to(device)  # (B,)
             loss_mask = batch["mask"].float()
             if cfg.overlong_filter:

@@ -46,7 +46,8 @@ def hf_clip_peer(cfg):
 
     v, t = cfg.vision, cfg.text
     text = dict(vocab_size=t.vocab_size, hidden_size=t.n_embd, intermediate_size=4 * t.n_embd, num_hidden_layers=t.n_layer,
-                num_attention_heads=t.n_head, max_position_embeddings=t.max_len, hidden_act="gelu")
+                num_attention_heads=t.n_head, max_position_embeddings=t.max_len, hidden_act="gelu",
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)  # ids inside the vocabulary (its defaults are not)
     vision = dict(hidden_size=v.n_embd, intermediate_size=int(v.mlp_ratio * v.n_embd), num_hidden_layers=v.n_layer,
                   num_attention_heads=v.n_head, image_size=v.image_size, patch_size=v.patch_size, hidden_act="gelu")
     hf_cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim)

@@ -82,7 +82,7 @@ def peer_steps(cfg, pixels, ids, mask):
     return steps, missing
 
 
-def run(batch=128, warmup=2, reps=5, vocab_size=4096):
+def run(batch=128, warmup=2, reps=5, vocab_size=4096, clock="wall"):
     torch.manual_seed(0)
     cfg = clip_config("toy", vocab_size)
     ours = PathoCLIP(cfg).train()
@@ -97,7 +97,7 @@ def run(batch=128, warmup=2, reps=5, vocab_size=4096):
         ours.clamp_logit_scale()
 
     peers, missing = peer_steps(cfg, pixels, ids, mask)
-    times = interleaved({"nanopatho": ours_step, **peers}, warmup=warmup, reps=reps)
+    times = interleaved({"nanopatho": ours_step, **peers}, warmup=warmup, reps=reps, clock=clock)
     ours_ips = batch / median(times["nanopatho"])
     rows = []
     for name in ("transformers CLIPModel", "open_clip CLIP"):
@@ -114,9 +114,10 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="wall time or this thread's CPU time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    for r in run(args.batch, reps=args.reps):
+    for r in run(args.batch, reps=args.reps, clock=args.clock):
         peer = "n/a" if r["peer"] is None else f"{r['peer']:.0f}  ratio {r['nanopatho'] / r['peer']:.2f}x"
         print(f"{r['benchmark']}: nanopatho {r['nanopatho']:.0f}  {r['peer_name']} {peer}  [{r['note']}]")
 

@@ -42,7 +42,7 @@ def compare_tokens(ours, theirs):
     return f"TOKENS DIFFER: {len(diff)} of {ours.numel()}, first at row {first[0]} step {first[1]}"
 
 
-def run(batches=(32, 64), new=64, warmup=1, reps=7, vocab_size=4096):
+def run(batches=(32, 64), new=64, warmup=1, reps=7, vocab_size=4096, clock="wall"):
     lm = make_lm("toy", vocab_size).eval()
     hf = qwen2_peer(lm).eval()
     rows = []
@@ -60,7 +60,7 @@ def run(batches=(32, 64), new=64, warmup=1, reps=7, vocab_size=4096):
             return out[:, T:]  # (B, new)
 
         match = compare_tokens(ours(), theirs())
-        times = interleaved({"nanopatho": ours, "peer": theirs}, warmup=warmup, reps=reps)
+        times = interleaved({"nanopatho": ours, "peer": theirs}, warmup=warmup, reps=reps, clock=clock)
         a, b = (batch * new / median(times[k]) for k in ("nanopatho", "peer"))
         rows.append(dict(benchmark=f"greedy generate, tokens/s (toy, B={batch}, {new} new)", nanopatho=a, peer=b,
                          peer_name="transformers generate (DynamicCache)", target=TARGET,
@@ -74,9 +74,10 @@ def main():
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="wall time or this thread's CPU time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    for r in run(args.batches, args.new, reps=args.reps):
+    for r in run(args.batches, args.new, reps=args.reps, clock=args.clock):
         print(f"{r['benchmark']}: nanopatho {r['nanopatho']:.0f}  transformers {r['peer']:.0f}  "
               f"ratio {r['nanopatho'] / r['peer']:.2f}x (target {r['target']}x)  [{r['note']}]")
 

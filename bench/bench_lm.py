@@ -41,7 +41,7 @@ def train_step_fn(model, opt, step):
     return run
 
 
-def run(batch=16, seq=160, warmup=2, reps=15, preset="toy", vocab_size=4096):
+def run(batch=16, seq=160, warmup=2, reps=15, preset="toy", vocab_size=4096, clock="wall"):
     lm = make_lm(preset, vocab_size)
     hf = qwen2_peer(lm)
     g = torch.Generator().manual_seed(1)
@@ -55,7 +55,7 @@ def run(batch=16, seq=160, warmup=2, reps=15, preset="toy", vocab_size=4096):
     times = interleaved({
         "nanopatho": train_step_fn(lm, opt_a, lambda: lm(x, y)[1]),
         "peer": train_step_fn(hf, opt_b, lambda: hf(input_ids=x, labels=y, shift_labels=y).loss),
-    }, warmup=warmup, reps=reps)
+    }, warmup=warmup, reps=reps, clock=clock)
     ours, theirs = (batch * seq / median(times[k]) for k in ("nanopatho", "peer"))
     return [dict(benchmark=f"LM train step, tokens/s ({preset}, B={batch}, T={seq})", nanopatho=ours, peer=theirs,
                  peer_name="transformers Qwen2ForCausalLM", target=TARGET,
@@ -68,9 +68,10 @@ def main():
     p.add_argument("--seq", type=int, default=160)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="wall time or this thread's CPU time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    for r in run(args.batch, args.seq, reps=args.reps):
+    for r in run(args.batch, args.seq, reps=args.reps, clock=args.clock):
         print(f"{r['benchmark']}: nanopatho {r['nanopatho']:.0f}  transformers {r['peer']:.0f}  "
               f"ratio {r['nanopatho'] / r['peer']:.2f}x (target {r['target']}x)  [{r['note']}]")
 

@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_rl  # noqa: E402
 from bench.bench_mfu import matmul_peak  # noqa: E402
-from bench.peers import median  # noqa: E402
+from bench.peers import CLOCKS, median  # noqa: E402
 from nanopatho import training  # noqa: E402
 from nanopatho.presets import vlm_config  # noqa: E402
 from nanopatho.vlm import VLM  # noqa: E402
@@ -43,7 +43,6 @@ from nanopatho.vlm import VLM  # noqa: E402
 TARGET = 0.5  # issue 18: the step in <= 0.5x the time of the per-row path
 VOCAB, IMAGE_ID, PAD = 1513, 3, 0
 PHASES = ("generation", "score", "update")
-CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def rl_config(share_prefix, new_tokens, device):
@@ -167,8 +166,8 @@ def summary(med, check, reps, clock_name):
             f"median of {reps}" + ("" if clock_name == "wall" else f", {clock_name} clock"))
 
 
-def run(n_prompts=8, new=128, warmup=1, reps=3, clock_name="wall", device="cpu", preset="toy", vocab=VOCAB, mfu=False):
-    device = torch.device(device)
+def run(n_prompts=8, new=128, warmup=1, reps=3, clock="wall", device="cpu", preset="toy", vocab=VOCAB, mfu=False):
+    device, clock_name = torch.device(device), clock
     clock = synced(CLOCKS[clock_name], device)
     torch.manual_seed(0)
     model = VLM(vlm_config(preset, vocab, IMAGE_ID)).to(device).train()
@@ -214,7 +213,7 @@ def main():
     p.add_argument("--mfu", action="store_true", help="also count the step's FLOPs and report MFU")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    for r in run(args.prompts, args.new, reps=args.reps, clock_name=args.clock, device=args.device, preset=args.preset,
+    for r in run(args.prompts, args.new, reps=args.reps, clock=args.clock, device=args.device, preset=args.preset,
                  vocab=args.vocab, mfu=args.mfu):
         print(f"{r['benchmark']}: {r['ratio']:.2f}x (target <= {r['target']}x)\n  {r['note']}")
 

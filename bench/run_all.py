@@ -9,6 +9,7 @@ prints that file as a markdown table for the README's Performance section.
     pip install --no-deps -r bench/requirements.txt   # the peers (bench-only; see bench/README.md for open_clip)
     python bench/run_all.py                     # ~5 min on 2 idle CPU cores, 1 thread
     python bench/run_all.py --threads 4 --only lm,generate
+    python bench/run_all.py --clock cpu         # this thread's CPU time (a shared machine); MFU stays wall time
     python bench/run_all.py --markdown          # the saved table, as markdown
     python bench/run_all.py --with_loss         # also run bench/bench_loss.py (the RL loss) after the table
 """
@@ -30,7 +31,7 @@ from bench import bench_clip, bench_generate, bench_lm, bench_mfu, bench_rl_step
 
 RESULTS = os.path.join(HERE, "results", "latest.json")
 BENCHES = {"lm": bench_lm.run, "generate": bench_generate.run, "clip": bench_clip.run, "rl": bench_rl_step.run,
-           "mfu": lambda: bench_mfu.run("cuda" if torch.cuda.is_available() else "cpu")}
+           "mfu": lambda clock: bench_mfu.run("cuda" if torch.cuda.is_available() else "cpu")}
 COLUMNS = ("benchmark", "nanopatho", "peer", "ratio", "target", "met?")
 
 
@@ -56,7 +57,8 @@ def table(results, markdown=False):
     rows = [cells(r) for r in results["rows"]]
     notes = [f"{r['benchmark']}: {r['note']}" for r in results["rows"]]
     head = (f"nanopatho benchmarks, {results['date']}: torch {results['torch']}, transformers "
-            f"{results['transformers']}, {results['threads']} thread(s), {results['machine']}, {results['seconds']:.0f} s")
+            f"{results['transformers']}, {results['threads']} thread(s), {results['machine']}, "
+            f"{results.get('clock', 'wall')} clock, {results['seconds']:.0f} s")
     if markdown:
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(c) + " |" for c in rows]
@@ -74,7 +76,7 @@ def version(module):
         return "not installed"
 
 
-def run(names, threads):
+def run(names, threads, clock="wall"):
     torch.set_num_threads(threads)
     print(f"torch.set_num_threads({threads}); torch.get_num_threads() = {torch.get_num_threads()}", flush=True)
     t0 = time.perf_counter()
@@ -82,14 +84,14 @@ def run(names, threads):
     for name in names:
         t = time.perf_counter()
         try:
-            out = BENCHES[name]()
+            out = BENCHES[name](clock=clock)
         except Exception as e:  # one broken peer must not hide the other rows
             out = [dict(benchmark=name, nanopatho=None, peer=None, target=None, error=True,
                         note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")]
         rows += out
         print(f"  {name}: {time.perf_counter() - t:.0f} s", flush=True)
     return dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), torch=torch.__version__,
-                transformers=version("transformers"), threads=threads,
+                transformers=version("transformers"), threads=threads, clock=clock,
                 machine=f"{platform.machine()} {os.cpu_count()} cores" + (
                     f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
                 seconds=time.perf_counter() - t0, rows=rows)
@@ -101,6 +103,8 @@ def main():
     p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     p.add_argument("--markdown", action="store_true", help="print bench/results/latest.json as markdown; run nothing")
     p.add_argument("--with_loss", action="store_true", help="also run bench/bench_loss.py after the table")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="time the ratios by wall time, or by this thread's CPU time (a shared CPU machine)")
     p.add_argument("--readme", default=None, help="with --markdown: write the table into this README's Performance section")
     args = p.parse_args()
     if args.markdown:
@@ -117,7 +121,7 @@ def main():
     unknown = set(names) - set(BENCHES)
     if unknown:
         p.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHES)}")
-    results = run(names, args.threads)
+    results = run(names, args.threads, args.clock)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         json.dump(results, f, indent=1)

@@ -137,17 +137,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def qkv_weight_bias(self):
-        """q_proj, k_proj, v_proj stacked into one ((nh + 2 kvh) hd, C) projection: one matmul instead of three."""
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        b = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        return w, b
-
     def forward(self, x, cos, sin, attn_mask=None, cache=None, start=0):
         B, T, _ = x.shape
-        nh, kvh = self.n_head, self.n_kv_head
-        qkv = F.linear(x, *self.qkv_weight_bias()).view(B, T, nh + 2 * kvh, self.head_dim)  # (B, T, nh + 2 kvh, hd)
-        q, k, v = (t.transpose(1, 2) for t in qkv.split([nh, kvh, kvh], dim=2))  # (B, nh | kvh | kvh, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, start)  # (B, kvh, start+T, hd)

@@ -106,28 +106,30 @@ def copy_turns(rng, make_name):
     return [(f"Repeat the text: {text}", reply(f"The text is {text}.", text))]
 
 
-def option_turns(rng, make_name, n_questions):
-    """Finding -> its option letter, then more findings against the same options."""
+def options_turns(rng, make_name, n_questions, turn):
+    """Four options, then n_questions turns about them; turn(names, k) -> (question, reply) for option k.
+    The options follow the first question only, as a chat would show them once."""
     names = distinct(rng, 4, make_name)
     asked = [int(i) for i in rng.permutation(4)[:n_questions]]
     turns = []
     for j, k in enumerate(asked):
-        question = f"Finding: {names[k]}.\nWhich option matches the finding?"
-        user = question + options_block(names) if j == 0 else question
-        turns.append((user, reply(f"The finding is {names[k]}. This matches option {LETTERS[k]}) {names[k]}.", LETTERS[k])))
+        question, answer = turn(names, k)
+        turns.append((question + options_block(names) if j == 0 else question, answer))
     return turns
+
+
+def option_turns(rng, make_name, n_questions):
+    """Finding -> its option letter, then more findings against the same options."""
+    return options_turns(rng, make_name, n_questions, lambda names, k: (
+        f"Finding: {names[k]}.\nWhich option matches the finding?",
+        reply(f"The finding is {names[k]}. This matches option {LETTERS[k]}) {names[k]}.", LETTERS[k])))
 
 
 def read_turns(rng, make_name, n_questions):
     """Option letter -> the option's text."""
-    names = distinct(rng, 4, make_name)
-    asked = [int(i) for i in rng.permutation(4)[:n_questions]]
-    turns = []
-    for j, k in enumerate(asked):
-        question = f"What does option {LETTERS[k]} say?"
-        user = question + options_block(names) if j == 0 else question
-        turns.append((user, reply(f"Option {LETTERS[k]}) {names[k]}. So the answer is {names[k]}.", names[k])))
-    return turns
+    return options_turns(rng, make_name, n_questions, lambda names, k: (
+        f"What does option {LETTERS[k]} say?",
+        reply(f"Option {LETTERS[k]}) {names[k]}. So the answer is {names[k]}.", names[k])))
 
 
 def same_turns(rng, make_name, n_questions):

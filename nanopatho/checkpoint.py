@@ -69,12 +69,13 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def _read_json(path):
+def read_json(path, missing_hint=" (is this a nanopatho checkpoint directory?)"):
+    """A JSON file, or a one-line CheckpointError naming the file (and the line of a syntax error)."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (is this a nanopatho checkpoint directory?)") from None
+        raise CheckpointError(f"{path}: missing{missing_hint}") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
@@ -173,7 +174,7 @@ def load(directory, device="cpu", expect=None):
     if hf_import.is_released(directory):
         model, config, tokenizer = hf_import.load_pretrained(directory, expect)
         return model.to(device), config, tokenizer
-    config = _read_json(os.path.join(directory, "config.json"))
+    config = read_json(os.path.join(directory, "config.json"))
     if expect is not None and config.get("model_type") != expect:
         raise CheckpointError(
             f"{directory}: holds a {config.get('model_type')!r} model, but a {expect!r} model is needed here")
@@ -288,7 +289,7 @@ def load_train_state(path, model, optimizer):
 
     model = unwrap(model)
     load_state(model, os.path.join(path, "model.safetensors"))
-    meta = _read_json(os.path.join(path, "train_state.json"))
+    meta = read_json(os.path.join(path, "train_state.json"))
     tensors = load_file(os.path.join(path, "train_state.safetensors"))
     optimizer_state = _optimizer_state_dict(tensors, meta["optimizer"])
     if fsdp.is_sharded(model):

@@ -31,7 +31,6 @@ a tower trained with other constants (SigLIP: 0.5, 0.5) gets them folded into it
 """
 
 import argparse
-import json
 import os
 
 import torch
@@ -65,13 +64,7 @@ def note(message):
 
 
 def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return checkpoint.read_json(path, missing_hint="")
 
 
 def refuse(path, what):

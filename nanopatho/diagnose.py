@@ -2,10 +2,12 @@
 the SFT *validation* conversations (every `--val_every`-th row, the rows train_sft.py holds
 out; never a test set), grouped by the role of the token being predicted:
 
-    option letter (reasoning)   the letter after the word "option" in "This matches option B) ..."
+    option letter (reasoning)   the letter that closes the MCQ option walk, "So the answer is B."
     MCQ letter in <answer>      the letter right after <answer>
     yes/no decision (reasoning) "yes" or "no" in the chain's closing "So the answer is yes."
     yes/no in <answer>          "yes" or "no" right after <answer> (a copy once the chain has decided)
+    option check (reasoning)    "yes" or "no" after an option line of the walk, "B) mucus: yes."
+    option text copied          the walk's option text and its ":" ("B) mucus:"), a copy of the prompt's line
     other assistant tokens      everything else the model is trained on
 
 For each group: mean NLL, top-1 accuracy of the next-token prediction, and chance (uniform
@@ -34,39 +36,53 @@ from nanopatho import checkpoint
 from nanopatho.data import collate_lm, load_conversations, preload_images, to_float
 
 ROLES = ("option letter (reasoning)", "MCQ letter in <answer>", "yes/no decision (reasoning)", "yes/no in <answer>",
-         "other assistant tokens")
+         "option check (reasoning)", "option text copied", "other assistant tokens")
 OTHER = len(ROLES) - 1
 OPTION_LINE = re.compile(r"^\s*\(?[A-Z][).]\s", re.MULTILINE)  # "A) text", "(B) text", "C. text"
+WALK_TEXT = re.compile(r"[A-Z]\)[^:\n]*")      # a walk line so far, inside its option text: "B) muc"
+WALK_CHECKED = re.compile(r"[A-Z]\)[^:\n]*:")  # a walk line up to its check: "B) mucus:"
+
+
+def _yes_no_next(pieces, t):
+    return re.match(r"(yes|no)\b", "".join(pieces[t:t + 3]).strip().lower()) is not None
 
 
 def token_roles(pieces, mask, ids, answer_ids, is_mcq):
     """Role index (into ROLES) of each predicted token ids[t], or -1 outside the loss mask.
     pieces[t] is the decoded text of ids[t]; answer_ids = (<answer> id, </answer> id). Inside
-    <answer> only the first token is scored as the decision ("yes" may be two tokens, "y" "es")."""
+    <answer> only the first token is scored as the decision ("yes" may be two tokens, "y" "es").
+    A walk line is a reply line that starts "B)"; its roles need is_mcq (options in the question)."""
     start, end = answer_ids
     roles = [-1] * len(ids)
+    line = pieces[0].rsplit("\n", 1)[-1]  # the text of the current line before token t
     for t in range(1, len(ids)):
-        if not mask[t]:
-            continue
-        roles[t] = OTHER
-        if is_mcq and pieces[t - 1].strip().lower() == "option" and re.fullmatch(r"[A-Z]", pieces[t].strip()):
-            roles[t] = 0
-        elif ids[t - 1] == start:
-            stop = ids.index(end, t) if end in ids[t:] else len(ids)
-            answer = "".join(pieces[t:stop]).strip()
-            if is_mcq and re.fullmatch(r"[A-Z]", answer):
-                roles[t] = 1
-            elif answer.lower() in ("yes", "no"):
-                roles[t] = 3
-        elif "".join(pieces[max(0, t - 4):t]).lower().endswith("the answer is") and \
-                re.match(r"(yes|no)\b", "".join(pieces[t:t + 3]).strip().lower()):
-            roles[t] = 2
+        if mask[t]:
+            roles[t] = _role(pieces, ids, t, line, start, end, is_mcq)
+        line = (line + pieces[t]).rsplit("\n", 1)[-1]
     return roles
+
+
+def _role(pieces, ids, t, line, start, end, is_mcq):
+    if ids[t - 1] == start:
+        stop = ids.index(end, t) if end in ids[t:] else len(ids)
+        answer = "".join(pieces[t:stop]).strip()
+        if is_mcq and re.fullmatch(r"[A-Z]", answer):
+            return 1
+        return 3 if answer.lower() in ("yes", "no") else OTHER
+    if "".join(pieces[max(0, t - 4):t]).lower().endswith("the answer is"):
+        if is_mcq and re.fullmatch(r"[A-Z]", pieces[t].strip()):
+            return 0
+        return 2 if _yes_no_next(pieces, t) else OTHER
+    if is_mcq and WALK_CHECKED.fullmatch(line.strip()) and _yes_no_next(pieces, t):
+        return 4
+    if is_mcq and WALK_TEXT.fullmatch(line):
+        return 5
+    return OTHER
 
 
 def chance(role, n_options):
     """(accuracy, NLL) of a uniform guess for a token of this role; None for free text."""
-    n = {0: n_options, 1: n_options, 2: 2, 3: 2}.get(role)
+    n = {0: n_options, 1: n_options, 2: 2, 3: 2, 4: 2}.get(role)
     return (1.0 / n, math.log(n)) if n else None
 
 
@@ -139,11 +155,12 @@ def load_probe(path):
 
 
 def probe_stats(model, tokenizer, convs):
-    """{"option": letter stats, "same": yes/no stats} of the reading probe, each {"n", "nll", "top1", ...}."""
+    """{"copy": option text, "check": option checks, "option": answer letter, "same": yes/no} stats of the
+    reading probe, each {"n", "nll", "top1", ...}."""
     was_training = model.training
     stats = summarize(*score(model, tokenizer, convs))
     model.train(was_training)
-    names = {"option": ROLES[0], "same": ROLES[2]}
+    names = {"copy": ROLES[5], "check": ROLES[4], "option": ROLES[0], "same": ROLES[2]}
     return {short: stats[role] for short, role in names.items() if role in stats}
 
 

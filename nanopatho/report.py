@@ -102,7 +102,8 @@ def collect(out, seeds):
 
 
 PROBE_STAGES = [("base_lm", "stage 0 base LM"), ("pretrain", "stage 1 pretrain"), ("sft", "stage 2 SFT")]
-PROBE_SKILLS = [("option", "option look-up top-1"), ("same", "same-or-different top-1")]
+PROBE_SKILLS = [("copy", "option text copied top-1"), ("check", "option check top-1"), ("option", "answer letter top-1"),
+                ("same", "same-or-different top-1")]
 
 
 def reading_probe(out, seeds):
@@ -209,7 +210,7 @@ def reading_claims(report, sft_mcq, sft_closed, closed_chance):
         out.append(("SFT closed-VQA accuracy >= 0.70", sft_closed >= 0.70,
                     f"{sft_closed:.3f} vs chance {fmt_chance(closed_chance)}"))
     probe = (report.get("reading_probe") or {}).get("base_lm") or {}
-    for skill, target in (("option", 0.9), ("same", 0.8)):
+    for skill, target in (("copy", 0.9), ("check", 0.8), ("option", 0.9), ("same", 0.8)):
         if probe.get(skill):
             out.append((f"stage 0 base LM reads: probe {skill} top-1 >= {target} on names never trained on",
                         probe[skill]["mean"] >= target, f"{probe[skill]['mean']:.3f} (chance "

@@ -40,8 +40,8 @@ def test_base_lm_writes_an_lm_checkpoint_with_probe_metrics(base):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     evaluated = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evaluated] == [2, 4]
-    for r in evaluated:  # the probe's two skills are scored at every evaluation
-        assert 0.0 <= r["probe_option"] <= 1.0 and 0.0 <= r["probe_same"] <= 1.0
+    for r in evaluated:  # the probe's skills are scored at every evaluation
+        assert all(0.0 <= r[f"probe_{k}"] <= 1.0 for k in ("copy", "check", "option", "same"))
     assert "[base_lm] done" in proc.stdout and "probe_option" in proc.stdout
 
 
@@ -76,7 +76,7 @@ def test_probe_scores_an_lm_and_its_vlm_alike(base):
     vlm.lm.load_state_dict(lm.state_dict())
     probe = diagnose.load_probe(os.path.join(world["data"], "reading_probe.jsonl"))
     a, b = diagnose.probe_stats(lm, tokenizer, probe), diagnose.probe_stats(vlm, tokenizer, probe)
-    assert set(a) == {"option", "same"}
+    assert set(a) == {"copy", "check", "option", "same"}
     for skill in a:
         assert a[skill]["n"] == b[skill]["n"] > 0
         assert a[skill]["top1"] == b[skill]["top1"]

@@ -19,38 +19,42 @@ START, END = 100, 101  # stand-ins for the <answer> and </answer> ids
 
 
 def test_token_roles_hand_case():
-    pieces = ["<think>", " matches", " option", " B", ")", " x", "</think>", "<answer>", "B", "</answer>"]
-    ids = [7, 8, 9, 10, 11, 12, 13, START, 14, END]
-    mask = [0, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    pieces = ["<think>", " options", ":\n", "A", ")", " fat", ":", " no", ".\n", "B", ")", " mu", "cus", ":", " yes",
+              ".\n", "So", " the", " answer", " is", " B", ".", "</think>", "<answer>", "B", "</answer>"]
+    ids = list(range(7, 7 + 23)) + [START, 50, END]
+    mask = [0] + [1] * (len(ids) - 1)
     roles = diagnose.token_roles(pieces, mask, ids, (START, END), is_mcq=True)
-    assert roles == [-1, 4, 4, 0, 4, 4, 4, 4, 1, 4]
-    # the same reply to a question without options has no letter roles
-    assert diagnose.token_roles(pieces, mask, ids, (START, END), is_mcq=False) == [-1] + [4] * 9
+    O = diagnose.OTHER
+    assert roles == [-1, O, O, O, O, 5, 5, 4, O, O, O, 5, 5, 5, 4, O, O, O, O, O, 0, O, O, O, 1, O]
+    # the same reply to a question without options has no letter or walk roles
+    assert diagnose.token_roles(pieces, mask, ids, (START, END), is_mcq=False) == [-1] + [O] * (len(ids) - 1)
 
 
 def test_yes_no_decision_in_the_closing_sentence():
     pieces = ["<think>", " So", " the", " answer", " is", " no", ".", "</think>", "<answer>", "no", "</answer>"]
     ids = [7, 8, 9, 10, 11, 12, 13, 14, START, 15, END]
     roles = diagnose.token_roles(pieces, [0] + [1] * 10, ids, (START, END), is_mcq=False)
-    assert roles == [-1, 4, 4, 4, 4, 2, 4, 4, 4, 3, 4]
+    O = diagnose.OTHER
+    assert roles == [-1, O, O, O, O, 2, O, O, O, 3, O]
     # an open answer in the same sentence is free text ("no" must be the whole word: "normal" is not)
     pieces[5], pieces[9] = " normal", "normal"
-    assert diagnose.token_roles(pieces, [0] + [1] * 10, ids, (START, END), is_mcq=False) == [-1] + [4] * 10
+    assert diagnose.token_roles(pieces, [0] + [1] * 10, ids, (START, END), is_mcq=False) == [-1] + [O] * 10
 
 
 def test_yes_no_split_over_two_tokens_scores_only_the_first():
     pieces = ["<answer>", "y", "es", "</answer>"]
     ids = [START, 1, 2, END]
-    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=False) == [-1, 3, 4, 4]
+    O = diagnose.OTHER
+    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=False) == [-1, 3, O, O]
     # an open answer after <answer> is free text, even when it starts with a capital letter
     pieces = ["<answer>", "H", "&E", "</answer>"]
-    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=True) == [-1, 4, 4, 4]
+    assert diagnose.token_roles(pieces, [1, 1, 1, 1], ids, (START, END), is_mcq=True) == [-1, O, O, O]
 
 
 def test_summarize_hand_case():
     nll = [1.0, 3.0, 0.5, 0.1, 0.3]
     correct = [True, False, True, True, False]
-    roles = [0, 0, 3, 4, -1]
+    roles = [0, 0, 3, diagnose.OTHER, -1]
     n_options = [4, 5, 0, 0, 0]
     s = diagnose.summarize(nll, correct, roles, n_options)
     assert set(s) == {"option letter (reasoning)", "yes/no in <answer>", "other assistant tokens"}

@@ -15,7 +15,7 @@ from nanopatho import base_lm
 from nanopatho.prompts import SYSTEM_PROMPT
 
 OPTION = re.compile(r"^([A-D])\) (.+)$", re.MULTILINE)
-REPLY = re.compile(r"^<think>(.*)</think><answer>(.*)</answer>$")
+REPLY = re.compile(r"^<think>(.*)</think><answer>(.*)</answer>$", re.S)
 
 
 def turns(row):
@@ -48,8 +48,19 @@ def test_level_layout(level):
         assert has_filler == (level == 2), first_user
 
 
+def walk_of(options, finding):
+    """The option walk a reply must end on: each option line up to the finding's, checked, then its letter."""
+    lines = []
+    for letter in sorted(options):
+        lines.append(f"{letter}) {options[letter]}: {'yes' if options[letter] == finding else 'no'}.")
+        if options[letter] == finding:
+            return "Checking the options:\n" + "\n".join(lines) + f"\nSo the answer is {letter}."
+    raise AssertionError(f"{finding!r} is not an option")
+
+
 def test_option_rows_answer_the_finding_letter():
-    """Property: in every 'option' turn, the answer letter is the option whose text is the finding."""
+    """Property: in every 'option' turn, the answer letter is the option whose text is the finding,
+    reached by walking the options in order and stopping at the match."""
     rng = np.random.default_rng(3)
     n = 0
     for _ in range(200):
@@ -59,7 +70,7 @@ def test_option_rows_answer_the_finding_letter():
             options = dict((name, letter) for letter, name in OPTION.findall(user)) or options
             finding = re.search(r"Finding: (.+)\.\n", user).group(1)
             assert options[finding] == answer
-            assert think.endswith(f"This matches option {answer}) {finding}.")
+            assert think.endswith(" " + walk_of({v: k for k, v in options.items()}, finding))
             n += 1
     assert n > 200  # several questions per context
 
@@ -124,13 +135,13 @@ def test_curriculum_sampler_levels_replay_and_determinism():
     assert all(levels[i] < 2 for i in at_two[6:])
 
 
-def test_level0_drills_answer_every_question_in_one_reply():
+def test_level0_drills_answer_in_one_terse_reply():
     rng = np.random.default_rng(8)
     for _ in range(100):
         (user, reply), = [(m["content"] for m in R.reading_row(rng, "option", 0)["messages"])]
-        options = {name: letter for letter, name in OPTION.findall(user)}
-        pairs = re.findall(r"(?:^| )([a-z -]+?) matches option ([A-D])\.", reply)
-        assert 3 <= len(pairs) <= 4 and all(options[name] == letter for name, letter in pairs)
+        options = dict(OPTION.findall(user))
+        finding = re.search(r"\nFinding: (.+)\.$", user).group(1)
+        assert reply == walk_of(options, finding)
         (user, reply), = [(m["content"] for m in R.reading_row(rng, "same", 0)["messages"])]
         finding = re.fullmatch(r"Finding: (.+)\.", user).group(1)
         for name, answer in re.findall(r"([a-z -]+?): (yes|no)\.", reply):

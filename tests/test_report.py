@@ -72,17 +72,20 @@ def test_no_diagnose_files_means_no_role_table(tmp_path):
     assert report.roles_markdown({}) == ""
 
 
-def probe_file(path, option, same, roles=None):
-    write(path, {"roles": roles or {}, "probe": {
-        "option": {"n": 4, "nll": 0.5, "top1": option, "chance_nll": 1.386, "chance_top1": 0.25},
-        "same": {"n": 4, "nll": 0.5, "top1": same, "chance_nll": 0.693, "chance_top1": 0.5}}})
+def probe_file(path, option, same, roles=None, copy=None, check=None):
+    probe = {"option": {"n": 4, "nll": 0.5, "top1": option, "chance_nll": 1.386, "chance_top1": 0.25},
+             "same": {"n": 4, "nll": 0.5, "top1": same, "chance_nll": 0.693, "chance_top1": 0.5}}
+    if copy is not None:
+        probe["copy"] = {"n": 9, "nll": 0.2, "top1": copy, "chance_nll": None, "chance_top1": None}
+        probe["check"] = {"n": 4, "nll": 0.4, "top1": check, "chance_nll": 0.693, "chance_top1": 0.5}
+    write(path, {"roles": roles or {}, "probe": probe})
 
 
 def test_reading_probe_table_and_claims(tmp_path):
     """Stage 0 is one shared run; stages 1 and 2 are averaged over seeds; the reading claims pass or fail
     on their own thresholds (0.9 letter, 0.8 yes/no, 0.55 MCQ, 0.70 closed VQA)."""
     out = str(tmp_path)
-    probe_file(os.path.join(out, "base_lm", "diagnose.json"), option=0.95, same=0.70)
+    probe_file(os.path.join(out, "base_lm", "diagnose.json"), option=0.95, same=0.70, copy=0.97, check=0.75)
     with open(os.path.join(out, "times.jsonl"), "w") as f:
         f.write(json.dumps({"stage": "base_lm", "seconds": 321}) + "\n")
     roles = {"option letter (reasoning)": {"n": 5, "nll": 0.1, "top1": 0.92, "chance_nll": 1.386, "chance_top1": 0.25},
@@ -99,9 +102,9 @@ def test_reading_probe_table_and_claims(tmp_path):
     assert r["reading_probe"]["pretrain"]["option"]["mean"] == pytest.approx(0.7)
     assert r["reading_probe"]["sft"]["option"]["mean"] == pytest.approx(0.6)
     table = report.probe_markdown(r["reading_probe"], r["base_lm_seconds"])
-    assert "| stage 0 base LM (trained once, 321 s) | 0.950 | 0.700 |" in table
-    assert "| stage 1 pretrain | 0.700 ± 0.100 | 0.700 ± 0.100 |" in table
-    assert "| chance | 0.250 | 0.500 |" in table
+    assert "| stage 0 base LM (trained once, 321 s) | 0.970 | 0.750 | 0.950 | 0.700 |" in table
+    assert "| stage 1 pretrain | — | — | 0.700 ± 0.100 | 0.700 ± 0.100 |" in table
+    assert "| chance | — | 0.500 | 0.250 | 0.500 |" in table
     claims = {c: ok for c, ok, _ in report.claims(r)}
     assert claims["SFT option letter (reasoning) top-1 on held-out SFT rows >= 0.9"] is True
     assert claims["SFT yes/no decision (reasoning) top-1 on held-out SFT rows >= 0.8"] is False
@@ -109,6 +112,8 @@ def test_reading_probe_table_and_claims(tmp_path):
     assert claims["SFT closed-VQA accuracy >= 0.70"] is False
     assert claims["stage 0 base LM reads: probe option top-1 >= 0.9 on names never trained on"] is True
     assert claims["stage 0 base LM reads: probe same top-1 >= 0.8 on names never trained on"] is False
+    assert claims["stage 0 base LM reads: probe copy top-1 >= 0.9 on names never trained on"] is True
+    assert claims["stage 0 base LM reads: probe check top-1 >= 0.8 on names never trained on"] is False
 
 
 def test_no_probe_files_means_no_probe_table(tmp_path):

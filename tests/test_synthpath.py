@@ -138,18 +138,20 @@ def test_manifests_well_formed(worlds):
 
 def test_every_chain_closes_on_its_answer(worlds):
     """The last sentence of each <think> names the answer, right before <answer>: MCQ chains end
-    on "This matches option B) <text of option B>.", yes/no and short-answer chains on
-    "So the answer is <answer>."; descriptions have no such sentence."""
+    on the option walk (each option line up to the answer's, checked no / yes, then "So the answer
+    is B."), yes/no and short-answer chains on "So the answer is <answer>."; descriptions have none."""
     counts = {"mcq": 0, "closed": 0, "description": 0}
     for r in read_jsonl(os.path.join(worlds[0], "sft_train.jsonl")):
         user, reply = r["messages"][1]["content"], r["messages"][2]["content"]
-        think, answer = re.fullmatch(r"<think>(.*)</think><answer>(.*)</answer>", reply).groups()
+        think, answer = re.fullmatch(r"<think>(.*)</think><answer>(.*)</answer>", reply, re.S).groups()
         if "\nOptions:\n" in user:
-            option = next(line for line in user.split("\n") if line.startswith(answer + ") "))
-            assert think.endswith(f" This matches option {option}.") or think == f"This matches option {option}."
+            options = user.split("\nOptions:\n")[1].split("\n")
+            upto = options[:next(i for i, o in enumerate(options) if o.startswith(answer + ") ")) + 1]
+            checks = [f"{o}: {'yes' if o == upto[-1] else 'no'}." for o in upto]
+            assert think.endswith(" Checking the options:\n" + "\n".join(checks) + f"\nSo the answer is {answer}.")
             counts["mcq"] += 1
         elif any(user.endswith(d) for d in DESCRIBE):
-            assert "So the answer is" not in think and "matches option" not in think
+            assert "So the answer is" not in think and "Checking the options" not in think
             counts["description"] += 1
         else:
             assert think.endswith(f"So the answer is {answer}.")

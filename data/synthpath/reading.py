@@ -6,13 +6,14 @@ SynthPath never teaches it (see the README, "What the toy run shows"). These row
 that, in the chat layout SFT uses, on names that carry no pathology at all:
 
     copy     "Repeat the text: ..."                      -> the text again (induction: copy a span)
-    option   "Finding: X." + four "A) .." options        -> "This matches option C) X."  (name -> letter)
+    option   "Finding: X." + four "A) .." options        -> "Checking the options:\nA) W: no.\n..C) X: yes.
+                                                            So the answer is C."  (walk the options: copy + check)
     read     "What does option B say?" + options         -> "Option B) Y."                (letter -> name)
     same     "Finding: X. Does the finding say Y?"      -> "The finding is X. The question asks about Y.
                                                             So the answer is yes|no."    (same or different)
 
 Each row asks several questions on one context (dense supervision). Level 0 is a terse drill of
-the skill alone ("A) x\nB) y ..." -> "y matches option B. x matches option A."), about 50 tokens;
+the skill alone (options + "Finding: y." -> the walk, as above), about 50 tokens;
 level 1 asks the questions turn by turn in the chat layout SFT uses, + the system prompt; level 2 + a line of
 8-16 filler words where the image's 16 positions sit (the real MCQ prompt's length, ~100 tokens).
 The base-LM trainer (nanopatho/base_lm.py) moves through the levels short to long.
@@ -28,7 +29,7 @@ import re
 
 import numpy as np
 
-from data.synthpath.text import CLASS_INFO, DENSITY, GLANDS, GRADE_RULE, LETTERS, PLEO, SIZE
+from data.synthpath.text import CLASS_INFO, DENSITY, GLANDS, GRADE_RULE, LETTERS, PLEO, SIZE, walk_options
 from nanopatho.prompts import SYSTEM_PROMPT
 
 SKILLS = ("copy", "option", "read", "same")
@@ -97,8 +98,12 @@ def with_context(turns, level, context):
     return messages
 
 
+def lettered(names):
+    return [f"{LETTERS[i]}) {n}" for i, n in enumerate(names)]
+
+
 def options_block(names):
-    return "\nOptions:\n" + "\n".join(f"{LETTERS[i]}) {n}" for i, n in enumerate(names))
+    return "\nOptions:\n" + "\n".join(lettered(names))
 
 
 def copy_turns(rng, make_name):
@@ -119,10 +124,11 @@ def options_turns(rng, make_name, n_questions, turn):
 
 
 def option_turns(rng, make_name, n_questions):
-    """Finding -> its option letter, then more findings against the same options."""
+    """Finding -> the walk to its option letter (the SFT chain's MCQ closing), then more findings
+    against the same options."""
     return options_turns(rng, make_name, n_questions, lambda names, k: (
         f"Finding: {names[k]}.\nWhich option matches the finding?",
-        reply(f"The finding is {names[k]}. This matches option {LETTERS[k]}) {names[k]}.", LETTERS[k])))
+        reply(f"The finding is {names[k]}. {walk_options(lettered(names), LETTERS[k])}", LETTERS[k])))
 
 
 def read_turns(rng, make_name, n_questions):
@@ -166,7 +172,8 @@ def drill(rng, skill, make_name, n_questions):
     names = distinct(rng, 4, make_name)
     asked = [int(i) for i in rng.permutation(4)[:n_questions]]
     if skill == "option":
-        user, answer = options_block(names).lstrip(), " ".join(f"{names[k]} matches option {LETTERS[k]}." for k in asked)
+        k = asked[0]
+        user, answer = options_block(names).lstrip() + f"\nFinding: {names[k]}.", walk_options(lettered(names), LETTERS[k])
     elif skill == "read":
         user, answer = options_block(names).lstrip(), " ".join(f"Option {LETTERS[k]}) {names[k]}." for k in asked)
     elif skill == "same":
@@ -185,7 +192,7 @@ def reading_row(rng, skill, level, make_name=train_name):
         return {"messages": with_context(turns, 0, ""), "skill": skill, "level": 0}
     n_questions = int(rng.integers(1, 4))  # questions on one context: up to 3 answers per forward pass
     turns = {"copy": lambda: copy_turns(rng, make_name),
-             "option": lambda: option_turns(rng, make_name, n_questions),
+             "option": lambda: option_turns(rng, make_name, min(n_questions, 2)),  # a walk is ~4 lines long
              "read": lambda: read_turns(rng, make_name, n_questions),
              "same": lambda: same_turns(rng, make_name, n_questions)}[skill]()
     return {"messages": with_context(turns, level, filler(rng, level)), "skill": skill, "level": level}

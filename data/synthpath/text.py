@@ -287,8 +287,8 @@ def ask(rng, qtype, kind, cls, attrs, target="yes", pos=0):
 def chain(rng, q, cls, attrs, length):
     """<think> text for question q: short = the decisive fact, medium = tissue + decisive fact,
     long = tissue + every visible attribute + the decisive fact (grade rule for grade questions);
-    then a closing sentence that states the answer ("This matches option B) mucus." for MCQ; for a
-    yes/no question about a name, "The question asks about fat, that is adipose tissue." first)."""
+    then a closing that states the answer (MCQ: walk_options; for a yes/no question about a name,
+    "The question asks about fat, that is adipose tissue." first)."""
     obs = observations(rng, cls, attrs)
     key = obs[q["type"]]
     if length == "short" or (q["type"] == "tissue" and length == "medium"):
@@ -302,13 +302,34 @@ def chain(rng, q, cls, attrs, length):
     else:   # long: tissue, every other visible attribute, then the decisive one (grade: the rule last)
         steps = [obs[k] for k in obs if k not in (q["type"], "grade")] + [key]
     if q["kind"] == "mcq":
-        chosen = next(o for o in q["options"] if o.startswith(q["answer"] + ")"))
-        steps.append(f"This matches option {chosen}.")
+        steps.append(walk_options(q["options"], q["answer"]))
     else:  # close on the answer itself, so <answer> copies the sentence before it, not a distant question
         if q.get("about"):  # restate what is asked next to what is seen: the decision compares adjacent names
             steps.append(f"The question asks about {q['about']}.")
         steps.append(f"So the answer is {q['answer']}.")
     return " ".join(steps)
+
+
+def walk_options(options, answer):
+    """The MCQ closing: check the options in order against the finding just stated, stop at the one
+    that matches, then name its letter:
+
+        Checking the options:
+        A) lymphocytes: no.
+        B) mucus: yes.
+        So the answer is B.
+
+    Every step is local for a small LM: a line copies the prompt's option line (plain induction: the
+    same tokens follow "B)" there), its yes/no compares two names a few tokens apart, and the letter
+    is the current line's. "This matches option B) mucus." asked for the letter in front of a name
+    somewhere in the prompt instead (a content-addressed look-up), which the toy LM never learned."""
+    lines = []
+    for option in options:
+        match = option.startswith(answer + ")")
+        lines.append(f"{option}: {'yes' if match else 'no'}.")
+        if match:
+            break
+    return "Checking the options:\n" + "\n".join(lines) + f"\nSo the answer is {answer}."
 
 
 def _contrast(rng, cls):

@@ -251,35 +251,60 @@ def completion_logits(model, batch, rows, group_size=None):
 
 
 @torch.no_grad()
-def score(model, batch, temperature, impl, group_size=None, chunk=16):
-    """Per-token log-probs of the sampled completions under `model`, without grad.
+def score(model, batch, temperature, impl, group_size=None, chunk=16, rows=None):
+    """Per-token log-probs of the sampled completions under `model`, without grad: (B, N), or
+    only `rows` of it (the other rows then hold NaN, never read).
 
     Old log-probs are recomputed with the same forward the update uses rather than taken
     from the sampler: the KV-cache sampler runs other kernel shapes (and, on GPU, other
     precisions), so its numbers differ by rounding noise; a ratio that is not exactly 1
     before any update would clip tokens for no reason. group_size: see completion_logits
     (chunks then hold whole groups)."""
+    n_rows = batch["ids"].shape[0]
+    rows = torch.arange(n_rows) if rows is None else rows.sort().values
     chunk = chunk if group_size is None else max(1, chunk // group_size) * group_size
-    out = []
-    for start in range(0, batch["ids"].shape[0], chunk):
-        rows = torch.arange(start, min(start + chunk, batch["ids"].shape[0]))
-        logits = completion_logits(model, batch, rows, group_size)
-        out.append(token_logprobs(logits, batch["ids"][rows], temperature=temperature, impl=impl))
-    return torch.cat(out, 0)  # (B, N)
+    out = torch.full(batch["ids"].shape, float("nan"), device=batch["ids"].device)  # (B, N)
+    for part in rows.split(chunk):
+        logits = completion_logits(model, batch, part, group_size)
+        out[part] = token_logprobs(logits, batch["ids"][part], temperature=temperature, impl=impl).to(out.dtype)
+    return out
+
+
+def minibatches(cfg, n_rows, epoch):
+    """The update's mini-batches for one pass over the rollout batch: a shuffle of its rows fixed by
+    (seed, epoch, rank), cut into num_minibatches parts."""
+    order = torch.randperm(n_rows, generator=training.generator_for(cfg.seed, 99, epoch, dist.rank()))
+    return order.chunk(max(1, min(cfg.num_minibatches, n_rows)))
+
+
+def old_and_ref_logprobs(cfg, model, ref, batch):
+    """Phase 2 of a step, no grad: (old log-probs, reference log-probs or None), each (B, N). The rows
+    of the update's first mini-batch are left to update(), which takes them from its own forward."""
+    shared = cfg.group_size if cfg.share_prefix else None
+    later = torch.ones(batch["ids"].shape[0], dtype=torch.bool)  # (B,)
+    later[minibatches(cfg, batch["ids"].shape[0], 0)[0]] = False
+    with fsdp.unsharded(model):
+        logp_old = score(model, batch, cfg.temperature, cfg.loss_impl, shared, rows=later.nonzero()[:, 0])
+    logp_ref = score(ref, batch, cfg.temperature, cfg.loss_impl, shared) if ref is not None else None
+    return logp_old, logp_ref
 
 
 def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device, poison=False):
     """ppo_epochs x num_minibatches optimizer steps on one rollout batch. Returns mean stats.
-    `poison` makes the loss NaN (testing the non-finite guard)."""
+    The first mini-batch runs before any step, at theta_old itself: its old log-probs are its own
+    forward's, detached (so score() skips those rows, and the ratio there is exactly 1), and are
+    written into logp_old for the later epochs. `poison` makes the loss NaN (testing the non-finite guard)."""
     n_rows = batch["ids"].shape[0]
     stats_sum, n_updates = {}, 0
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(n_rows, generator=training.generator_for(cfg.seed, 99, epoch, dist.rank()))
-        for rows in order.chunk(max(1, min(cfg.num_minibatches, n_rows))):
+        for k, rows in enumerate(minibatches(cfg, n_rows, epoch)):
             mask = loss_mask[rows]  # (b, N)
             n_global = training.global_count(int(mask.sum()), device)  # token-mean's denominator, all ranks
             seqs_global = training.global_count(len(rows), device)  # the seq-mean modes' denominator
             logits = completion_logits(ddp_model, batch, rows, cfg.group_size if cfg.share_prefix else None)  # (b, N, V)
+            if epoch == 0 and k == 0:  # pi_theta == pi_theta_old until the first step
+                logp_old[rows] = token_logprobs(logits.detach(), batch["ids"][rows], temperature=cfg.temperature,
+                                                impl=cfg.loss_impl).to(logp_old.dtype)
             loss, stats = fused_policy_loss(
                 logits, batch["ids"][rows], logp_old[rows], adv[rows], mask, temperature=cfg.temperature,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, logp_ref=None if logp_ref is None else logp_ref[rows],
@@ -391,10 +416,7 @@ def main(argv=None):
             if cfg.overlong_filter:
                 loss_mask = loss_mask * (~batch["truncated"]).float().to(device)[:, None]
             t_score = time.time()
-            shared = cfg.group_size if cfg.share_prefix else None
-            with fsdp.unsharded(model):
-                logp_old = score(model, batch, cfg.temperature, cfg.loss_impl, shared)
-            logp_ref = score(ref, batch, cfg.temperature, cfg.loss_impl, shared) if ref is not None else None
+            logp_old, logp_ref = old_and_ref_logprobs(cfg, model, ref, batch)
             row["score_seconds"] = time.time() - t_score  # old / reference log-prob recompute
             row.update(update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device,
                               poison=step == cfg.debug_nan_step))

@@ -173,6 +173,33 @@ def test_update_equals_the_per_row_path(agg):
     assert moved > 10  # the update did change the weights
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_first_minibatch_old_logprobs_come_from_the_updates_own_forward(share):
+    """Phase 2 skips the first mini-batch's rows (NaN there, the recompute elsewhere); update() fills them
+    from its first forward, at theta_old: stats and weights equal an update given every row recomputed."""
+    cfg = rl_cfg("token-mean", share)
+    batch, ref = dynamic_sampling_batch(tiny_vlm()), tiny_vlm(seed=1).eval()
+    full = train_rl.score(tiny_vlm(), batch, cfg.temperature, "torch")
+    logp_old, logp_ref = train_rl.old_and_ref_logprobs(cfg, tiny_vlm(), ref, batch)
+    first = torch.zeros(batch["ids"].shape[0], dtype=torch.bool)
+    first[train_rl.minibatches(cfg, batch["ids"].shape[0], 0)[0]] = True
+    assert logp_old[first].isnan().all() and not logp_old[~first].isnan().any()
+    assert torch.allclose(logp_old[~first], full[~first], atol=1e-5)
+    adv = rl.group_advantages(batch["reward"], G)
+    after = []
+    for old in (full.clone(), logp_old):
+        model = tiny_vlm()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        stats = train_rl.update(cfg, model, optimizer, batch, old, logp_ref, adv, batch["mask"].float(), torch.device("cpu"))
+        after.append((stats, model.state_dict()))
+    assert torch.allclose(logp_old[batch["mask"]], full[batch["mask"]], atol=1e-5)  # filled in, at theta_old
+    (stats_a, w_a), (stats_b, w_b) = after
+    for k in stats_a:
+        assert stats_b[k] == pytest.approx(stats_a[k], rel=1e-4, abs=1e-6), k
+    for name in w_a:
+        assert torch.allclose(w_a[name], w_b[name], atol=1e-5), name
+
+
 # -----------------------------------------------------------------------------
 # generation: one prefill per prompt, copied to its samples
 

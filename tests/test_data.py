@@ -5,13 +5,13 @@ import io
 import json
 import os
 import re
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from e2e_util import write_tar
 from nanopatho import data
 from nanopatho.data import (IMAGE_MEAN, IMAGE_STD, DataError, augment, collate_lm, image_tensor, load_conversations,
                             load_image, load_pairs, load_records, pad_sequences, preload_images, resize_center_crop,
@@ -41,16 +41,6 @@ def world(tmp_path):
         Image.new("RGB", (10, 6), colour).save(tmp_path / "images" / f"im{i}.png")
         pairs.append((f"images/im{i}.png", caption))
     return tmp_path, pairs
-
-
-def write_tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, parts in samples:
-            for ext, payload in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return path
 
 
 def pairs_as_tar(tmp_path, pairs, name, caption_ext="txt"):

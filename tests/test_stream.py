@@ -10,12 +10,12 @@ import io
 import itertools
 import json
 import random
-import tarfile
 
 import pytest
 import torch
 from PIL import Image
 
+from e2e_util import write_tar
 from nanopatho import stream
 from nanopatho.data import BOM, DataError, image_tensor, load_conversations, load_pairs, load_records
 
@@ -26,16 +26,6 @@ def png(colour, size=(10, 6)):
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_tar(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, parts in samples:
-            for ext, payload in parts.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return path
 
 
 def shards(tmp_path, n_shards=N_SHARDS, per_shard=PER_SHARD):

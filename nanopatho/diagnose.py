@@ -19,8 +19,8 @@ that is the toy VLM's failure on SynthPath (see the README, "What the toy run sh
     python -m nanopatho.diagnose --ckpt out/sft --data data/synthpath --limit 100 --out diag.json
     python -m nanopatho.diagnose --ckpt out/base_lm --probe reading_probe.jsonl     # stage 0: the probe only
 
-`--probe` also scores the reading probe (data/synthpath/reading.py): held-out option look-ups and
-same-or-different judgements on names never trained on, text only, for the base LM, stage 1 and SFT.
+`--probe` also scores the reading probe (data/synthpath/reading.py): held-out option walks (copy
+each option, check it, name the letter) and same-or-different judgements on names never trained on, text only, for the base LM, stage 1 and SFT.
 """
 
 import argparse

@@ -316,7 +316,7 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     probe = probe_markdown(report.get("reading_probe"), report.get("base_lm_seconds"))
     if probe:
         parts += ["\nThe reading probe (`python -m nanopatho.diagnose --probe reading_probe.jsonl`): held-out option "
-                  "look-ups and same-or-different judgements on names no stage ever trained on, teacher-forced:\n", probe]
+                  "walks (copy, check, letter) and same-or-different judgements on names no stage ever trained on, teacher-forced:\n", probe]
     parts += ["\n## PathoCLIP\n", clip_table, "\n## Claims\n"]
     for text, ok, numbers in claim_rows:
         verdict = "info" if ok is None else ("PASS" if ok else "FAIL")

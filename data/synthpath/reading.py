@@ -198,7 +198,7 @@ def reading_row(rng, skill, level, make_name=train_name):
     return {"messages": with_context(turns, level, filler(rng, level)), "skill": skill, "level": level}
 
 
-MIX = {"copy": 1.0, "option": 4.0, "read": 1.0, "same": 2.0}  # the look-up is the slowest skill to form
+MIX = {"copy": 1.0, "option": 4.0, "read": 1.0, "same": 2.0}  # the walk's check is the slowest skill to form
 
 
 def reading_rows(rng, n, level, mix=None):
@@ -210,7 +210,7 @@ def reading_rows(rng, n, level, mix=None):
 
 
 def probe_rows(rng, n):
-    """Held-out items at the longest level's layout: one question each, option look-up and same-or-different
+    """Held-out items at the longest level's layout: one question each, option walk and same-or-different
     alternating, names built only from PROBE_WORDS (never in a training name)."""
     rows = []
     for i in range(n):

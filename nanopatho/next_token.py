@@ -49,6 +49,8 @@ class TrainConfig(RunConfig):
     eval_batches: int = field(4, "validation micro-batches per evaluation")
     reading_file: str = field("", "stage 0's reading conversations to mix in, text only (relative to --data; '' = none)")
     reading_ratio: float = field(0.1, "fraction of training rows that are --reading_file rows")
+    group_by_length: int = field(0, "batch rows of like length together, sorting within runs of N batches "
+                                    "(0 = plain shuffle); fewer pad tokens when lengths vary")
 
 
 def mix_text(examples, text_seqs, ratio, subsample=False):
@@ -97,11 +99,19 @@ def make_batch(examples, indices, pad_id, generator, train_aug, device):
 
 def preloaded(examples, cfg, pad_id, sampler=None):
     """Examples behind the stream interface: micro-batch k = step * grad_accum + micro. `sampler(step, micro)`
-    returns its row indices (stage 0's curriculum); by default a fresh shuffle of all rows each epoch."""
+    returns its row indices (stage 0's curriculum); by default a fresh shuffle of all rows each epoch,
+    with --group_by_length one whose batches hold rows of like length."""
+    lengths = torch.tensor([len(ids) for ids, _ in examples.seqs]) if cfg.group_by_length else None  # (N,)
+
     def make(k):
         step, micro = divmod(k, cfg.grad_accum)
-        idx = sampler(step, micro) if sampler else \
-            training.batch_indices(len(examples), cfg.batch_size, k, cfg.seed, dist.rank(), dist.world_size())
+        if sampler:
+            idx = sampler(step, micro)
+        elif lengths is not None:
+            idx = training.grouped_batch_indices(lengths, cfg.batch_size, k, cfg.seed, cfg.group_by_length,
+                                                 dist.rank(), dist.world_size())
+        else:
+            idx = training.batch_indices(len(examples), cfg.batch_size, k, cfg.seed, dist.rank(), dist.world_size())
         gen = training.generator_for(cfg.seed, step, micro, dist.rank())
         return make_batch(examples, idx, pad_id, gen, cfg.augment, "cpu")
     return stream.InMemory(make, cfg.grad_accum)

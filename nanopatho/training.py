@@ -201,6 +201,35 @@ def batch_indices(n, batch_size, step, seed, rank=0, world=1):
     return out[rank * batch_size:(rank + 1) * batch_size]
 
 
+def length_grouped_order(lengths, global_bs, group, seed, epoch):
+    """One epoch's sample order with rows of like length side by side (the idea of transformers'
+    `group_by_length`): shuffle, keep a whole number of global batches, then within every run of
+    `group` global batches sort by length, cut into global batches and shuffle those. A batch is
+    padded to its longest row, so a few long rows (stage 0's reading rows among short captions) no
+    longer pad most batches. The order is a pure function of (seed, epoch), as in batch_indices."""
+    n = len(lengths) - len(lengths) % global_bs
+    perm = torch.randperm(len(lengths), generator=generator_for(seed, 7, epoch))[:n]  # (n,)
+    chunks = []
+    for c, start in enumerate(range(0, n, group * global_bs)):
+        rows = perm[start:start + group * global_bs]
+        rows = rows[torch.argsort(lengths[rows], stable=True)]                      # shortest first
+        batches = rows.view(-1, global_bs)                                          # (group, global_bs)
+        chunks.append(batches[torch.randperm(len(batches), generator=generator_for(seed, 8, epoch, c))])
+    return torch.cat(chunks).view(-1)  # (n,)
+
+
+def grouped_batch_indices(lengths, batch_size, step, seed, group, rank=0, world=1):
+    """batch_indices over length_grouped_order: this rank's share of the global batch at `step`
+    (an epoch is len(lengths) // global batch steps; the few rows left over differ every epoch)."""
+    global_bs = batch_size * world
+    steps_per_epoch = len(lengths) // global_bs
+    if steps_per_epoch == 0:
+        return batch_indices(len(lengths), batch_size, step, seed, rank, world)
+    epoch, j = divmod(step, steps_per_epoch)
+    order = length_grouped_order(lengths, global_bs, group, seed, epoch)
+    return order[j * global_bs + rank * batch_size:j * global_bs + (rank + 1) * batch_size].tolist()
+
+
 def resume(cfg, model, optimizer, stage, data=None):
     """With --resume, restore the newest complete snapshot in cfg.out_dir (weights, optimizer, RNGs, and
     the position of `data`, a stream.Stream / InMemory). Returns (first step to run, skipped steps so far,

@@ -101,18 +101,28 @@ def test_copy_rows_repeat_the_text():
 
 
 def test_probe_names_never_in_training_names():
-    assert not set(R.TRAIN_WORDS) & set(R.PROBE_WORDS) and len(R.PROBE_WORDS) >= 20
-    trained = set()
-    for level in R.LEVELS:
-        for row in R.reading_rows(np.random.default_rng(6), 300, level):
-            trained |= {w for m in row["messages"] if m["role"] != "system" for w in re.findall(r"[a-z]+", m["content"])}
-    assert not trained & set(R.PROBE_WORDS)
-    probe = R.probe_rows(np.random.default_rng(7), 40)
+    train = [row for level in R.LEVELS for row in R.reading_rows(np.random.default_rng(6), 300, level)]
+    side_by_side = set()
+    for row in train:
+        for m in row["messages"]:
+            words = re.findall(r"[a-z]+", m["content"].lower())
+            side_by_side |= set(zip(words, words[1:]))
+    hand = R.unseen_pairs([{"messages": [{"content": "Finding: Basal crypts."}]}])
+    assert "basal crypts" not in hand and "crypts basal" in hand and "finding basal" not in hand
+    assert len(hand) == len(R.TRAIN_WORDS) * (len(R.TRAIN_WORDS) - 1) - 1  # 'finding' is not a training word
+    trained = {w for pair in side_by_side for w in pair}
+    assert not trained & set(R.PROBE_WORDS) and len(R.PROBE_WORDS) >= 20  # held out of stage 0 (see _vocabulary)
+    probe = R.probe_rows(np.random.default_rng(7), 40, train)
     assert {r["skill"] for r in probe} == {"option", "same"}
     for row in probe:
         (user, _, _), = turns(row)
         names = [n for _, n in OPTION.findall(user)] or [re.search(r"Finding: (.+)\.\n", user).group(1)]
-        assert all(w in R.PROBE_WORDS for n in names for w in n.split())
+        for name in names:
+            first, second = name.split()
+            assert (first, second) not in side_by_side and {first, second} <= set(R.TRAIN_WORDS)
+    with pytest.raises(ValueError, match="never stand side by side"):
+        R.probe_rows(np.random.default_rng(7), 4, [{"messages": [{"content": f"{a} {b}"}]}
+                                                   for a in R.TRAIN_WORDS for b in R.TRAIN_WORDS])
 
 
 def test_level_at_hand_case():

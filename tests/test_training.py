@@ -33,6 +33,33 @@ def test_batch_indices_rank_slices_partition_the_global_batch():
     assert parts[0] + parts[1] == full
 
 
+def test_grouped_batches_hand_case_each_batch_one_length():
+    # 8 short rows and 8 long ones, global batch 4, one run of 4 batches: sorting puts the short rows in
+    # two batches and the long ones in two, so no batch pads a short row to a long one's length
+    lengths = torch.tensor([1, 9] * 8)
+    epoch = [training.grouped_batch_indices(lengths, 4, step, seed=0, group=4) for step in range(4)]
+    assert sorted(len(set(lengths[b].tolist())) for b in epoch) == [1, 1, 1, 1]
+    assert sorted(i for b in epoch for i in b) == list(range(16))
+    plain = [training.batch_indices(16, 4, step, seed=0) for step in range(4)]
+    assert sum(len(set(lengths[b].tolist())) for b in plain) > 4  # a plain shuffle mixes them
+
+
+def test_grouped_batches_cover_an_epoch_once_stateless_and_split_over_ranks():
+    lengths = torch.randint(1, 50, (103,), generator=torch.Generator().manual_seed(0))
+    per_epoch = 103 // 8  # 12 global batches of 8; 7 rows wait for a later epoch
+    seen = [i for step in range(per_epoch) for i in training.grouped_batch_indices(lengths, 8, step, 5, group=3)]
+    assert len(seen) == len(set(seen)) == per_epoch * 8
+    assert training.grouped_batch_indices(lengths, 8, 4, 5, group=3) == seen[32:40]  # a pure function of the step
+    nxt = training.grouped_batch_indices(lengths, 8, per_epoch, 5, group=3)
+    assert nxt != seen[:8] and len(set(nxt)) == 8  # the next epoch is a fresh order
+    parts = [training.grouped_batch_indices(lengths, 4, 4, 5, group=3, rank=r, world=2) for r in range(2)]
+    assert parts[0] + parts[1] == seen[32:40]
+    # within a run of `group` batches every batch spans a contiguous range of the sorted lengths
+    run = [sorted(lengths[seen[8 * b:8 * b + 8]].tolist()) for b in range(3)]
+    run.sort()
+    assert all(a[-1] <= b[0] for a, b in zip(run, run[1:]))
+
+
 def test_weight_decay_groups():
     class M(torch.nn.Module):
         def __init__(self):

@@ -284,6 +284,7 @@ def write_text(out, cfg, records):
     streams = {name: np.random.default_rng([cfg.seed, 2, i]) for i, name in enumerate(
         ["captions_train", "captions_val", "textbook", "retrieval", "sft", "rl", "mcq", "vqa", "reading", "probe"])}
     qa_test = [r for r in records if r["split"] == "test_qa"]
+    reading = [row for level in R.LEVELS for row in R.reading_rows(streams["reading"], cfg.reading_per_level, level)]
     files = {
         "captions_train.jsonl": caption_rows(streams["captions_train"], records, "train", cfg.captions_per_image),
         "captions_val.jsonl": caption_rows(streams["captions_val"], records, "val", cfg.captions_per_image),
@@ -298,8 +299,8 @@ def write_text(out, cfg, records):
                                   ("image", "question", "options", "answer", "type")),
         "vqa_test.jsonl": qa_rows(streams["vqa"], [(r, k) for r in qa_test for k in ("yesno", "short")],
                                   ("image", "question", "answer", "answer_type", "type")),
-        "reading_train.jsonl": [row for level in R.LEVELS for row in R.reading_rows(streams["reading"], cfg.reading_per_level, level)],
-        "reading_probe.jsonl": R.probe_rows(streams["probe"], cfg.reading_probe),
+        "reading_train.jsonl": reading,
+        "reading_probe.jsonl": R.probe_rows(streams["probe"], cfg.reading_probe, reading),  # names new to `reading`
     }
     for name, rows in files.items():
         write_jsonl(os.path.join(out, name), rows)

@@ -18,11 +18,12 @@ level 1 asks the questions turn by turn in the chat layout SFT uses, + the syste
 8-16 filler words where the image's 16 positions sit (the real MCQ prompt's length, ~100 tokens).
 The base-LM trainer (nanopatho/base_lm.py) moves through the levels short to long.
 
-Names are one or two of SynthPath's words ("basal crypts", "wavy") or its tissue terms; the probe's
-names come from words held out of every training name, so the probe measures the skill, not memory.
+Names are one or two of SynthPath's words ("basal crypts", "wavy") or its tissue terms; a probe name is
+two of those words that stand side by side nowhere in stage 0's rows: a new name of the usual length,
+made of words whose embeddings stage 0 trains, so the probe measures the skill, not memory.
 
     rows = reading_rows(np.random.default_rng(0), 1000, level=1)      # [{"messages", "skill", "level"}]
-    probe = probe_rows(np.random.default_rng(1), 200)                   # held-out names, full length
+    probe = probe_rows(np.random.default_rng(1), 200, rows)             # names never side by side in rows
 """
 
 import re
@@ -41,7 +42,9 @@ TERMS = sorted({s for _, syn, _ in CLASS_INFO.values() for s in syn})  # SynthPa
 def _vocabulary():
     """SynthPath's own words (class names, descriptions, attribute phrases): each one BPE token, so a
     name of one or two words is as short as the real options. Every 5th word that no tissue name uses
-    is kept for the probe; training names never contain one."""
+    is held out of stage 0's rows. (An earlier probe built its names from them: a word no stage-0 row
+    holds keeps an untrained embedding, so the base LM could not copy it whatever its skill. The split
+    stays so stage 0's rows, and the base LM trained on them, stay the same.)"""
     texts = [t for name, syn, desc in CLASS_INFO.values() for t in [name, *syn, *desc]]
     texts += [p for table in (DENSITY, SIZE, PLEO, GLANDS) for phrases in table.values() for p in phrases]
     words = sorted({w for t in texts + [GRADE_RULE] for w in re.findall(r"[a-z]+", t.lower()) if len(w) > 2})
@@ -64,8 +67,14 @@ def train_name(rng):
     return word_name(rng, TRAIN_WORDS)
 
 
-def probe_name(rng):
-    return word_name(rng, PROBE_WORDS)
+def unseen_pairs(rows):
+    """Two-word names whose words stand side by side nowhere in `rows` (stage 0's training rows)."""
+    seen = set()
+    for row in rows:
+        for m in row["messages"]:
+            words = re.findall(r"[a-z]+", m["content"].lower())
+            seen.update(zip(words, words[1:]))
+    return [f"{a} {b}" for a in TRAIN_WORDS for b in TRAIN_WORDS if a != b and (a, b) not in seen]
 
 
 def distinct(rng, k, make):
@@ -209,9 +218,16 @@ def reading_rows(rng, n, level, mix=None):
     return [reading_row(rng, skills[int(i)], level) for i in picks]
 
 
-def probe_rows(rng, n):
+def probe_rows(rng, n, train_rows):
     """Held-out items at the longest level's layout: one question each, option walk and same-or-different
-    alternating, names built only from PROBE_WORDS (never in a training name)."""
+    alternating, every option and finding a name from unseen_pairs(train_rows)."""
+    names = unseen_pairs(train_rows)
+    if len(names) < 20:
+        raise ValueError(f"only {len(names)} word pairs never stand side by side in the reading rows; "
+                         "the probe needs new names (fewer reading rows, or more words)")
+
+    def probe_name(r):
+        return names[int(r.integers(len(names)))]
     rows = []
     for i in range(n):
         skill = ("option", "same")[i % 2]

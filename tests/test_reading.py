@@ -101,13 +101,13 @@ def test_copy_rows_repeat_the_text():
 
 
 def test_probe_names_never_in_training_names():
-    train = [row for level in R.LEVELS for row in R.reading_rows(np.random.default_rng(6), 300, level)]
+    train = [m["content"] for level in R.LEVELS for row in R.reading_rows(np.random.default_rng(6), 300, level)
+             for m in row["messages"]]
     side_by_side = set()
-    for row in train:
-        for m in row["messages"]:
-            words = re.findall(r"[a-z]+", m["content"].lower())
-            side_by_side |= set(zip(words, words[1:]))
-    hand = R.unseen_pairs([{"messages": [{"content": "Finding: Basal crypts."}]}])
+    for text in train:
+        words = re.findall(r"[a-z]+", text.lower())
+        side_by_side |= set(zip(words, words[1:]))
+    hand = R.unseen_pairs(["Finding: Basal crypts."])
     assert "basal crypts" not in hand and "crypts basal" in hand and "finding basal" not in hand
     assert len(hand) == len(R.TRAIN_WORDS) * (len(R.TRAIN_WORDS) - 1) - 1  # 'finding' is not a training word
     trained = {w for pair in side_by_side for w in pair}
@@ -121,8 +121,7 @@ def test_probe_names_never_in_training_names():
             first, second = name.split()
             assert (first, second) not in side_by_side and {first, second} <= set(R.TRAIN_WORDS)
     with pytest.raises(ValueError, match="never stand side by side"):
-        R.probe_rows(np.random.default_rng(7), 4, [{"messages": [{"content": f"{a} {b}"}]}
-                                                   for a in R.TRAIN_WORDS for b in R.TRAIN_WORDS])
+        R.probe_rows(np.random.default_rng(7), 4, [f"{a} {b}" for a in R.TRAIN_WORDS for b in R.TRAIN_WORDS])
 
 
 def test_level_at_hand_case():

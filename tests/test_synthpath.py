@@ -173,6 +173,21 @@ def _spread(values, keys):
     return max(counts) - min(counts)
 
 
+def test_probe_names_stand_side_by_side_in_no_training_file(worlds):
+    side_by_side = set()
+    texts = [r["caption"] for r in read_jsonl(os.path.join(worlds[0], "captions_train.jsonl"))]
+    texts += [r["text"] for r in read_jsonl(os.path.join(worlds[0], "textbook.jsonl"))]
+    texts += [m["content"] for f in ("sft_train.jsonl", "reading_train.jsonl")
+              for r in read_jsonl(os.path.join(worlds[0], f)) for m in r["messages"]]
+    for text in texts:
+        words = re.findall(r"[a-z]+", text.lower())
+        side_by_side |= set(zip(words, words[1:]))
+    probe = read_jsonl(os.path.join(worlds[0], "reading_probe.jsonl"))
+    names = [n for r in probe for n in re.findall(r"(?:\n[A-D]\) |Finding: )([a-z]+ [a-z]+)\b", r["messages"][1]["content"])]
+    assert len(names) >= len(probe)  # every item names at least its finding or its options
+    assert not {tuple(n.split()) for n in names} & side_by_side
+
+
 def test_answers_balanced(worlds):
     root = worlds[0]
     mcq = [r["answer"] for r in read_jsonl(os.path.join(root, "mcq_test.jsonl"))]

@@ -279,12 +279,19 @@ def write_json(path, obj):
         f.write(json.dumps(obj, sort_keys=True, indent=2) + "\n")
 
 
+def training_texts(files):
+    """Every text a training stage reads (stage 0's reading rows, stage 1's captions and textbook, SFT's
+    conversations): the reading probe's names are word pairs that stand side by side in none of them."""
+    texts = [r["caption"] for r in files["captions_train.jsonl"]] + [r["text"] for r in files["textbook.jsonl"]]
+    return texts + [m["content"] for name in ("sft_train.jsonl", "reading_train.jsonl") for r in files[name]
+                    for m in r["messages"]]
+
+
 def write_text(out, cfg, records):
     """Every manifest; returns {file name: rows} for the meta and the tokenizer."""
     streams = {name: np.random.default_rng([cfg.seed, 2, i]) for i, name in enumerate(
         ["captions_train", "captions_val", "textbook", "retrieval", "sft", "rl", "mcq", "vqa", "reading", "probe"])}
     qa_test = [r for r in records if r["split"] == "test_qa"]
-    reading = [row for level in R.LEVELS for row in R.reading_rows(streams["reading"], cfg.reading_per_level, level)]
     files = {
         "captions_train.jsonl": caption_rows(streams["captions_train"], records, "train", cfg.captions_per_image),
         "captions_val.jsonl": caption_rows(streams["captions_val"], records, "val", cfg.captions_per_image),
@@ -299,9 +306,10 @@ def write_text(out, cfg, records):
                                   ("image", "question", "options", "answer", "type")),
         "vqa_test.jsonl": qa_rows(streams["vqa"], [(r, k) for r in qa_test for k in ("yesno", "short")],
                                   ("image", "question", "answer", "answer_type", "type")),
-        "reading_train.jsonl": reading,
-        "reading_probe.jsonl": R.probe_rows(streams["probe"], cfg.reading_probe, reading),  # names new to `reading`
+        "reading_train.jsonl": [row for level in R.LEVELS
+                                for row in R.reading_rows(streams["reading"], cfg.reading_per_level, level)],
     }
+    files["reading_probe.jsonl"] = R.probe_rows(streams["probe"], cfg.reading_probe, training_texts(files))
     for name, rows in files.items():
         write_jsonl(os.path.join(out, name), rows)
     prompts = {"0": {"classnames": {c: T.CLASS_INFO[c][1] for c in CLASSES}, "templates": ZS_TEMPLATES}}

@@ -19,11 +19,13 @@ level 1 asks the questions turn by turn in the chat layout SFT uses, + the syste
 The base-LM trainer (nanopatho/base_lm.py) moves through the levels short to long.
 
 Names are one or two of SynthPath's words ("basal crypts", "wavy") or its tissue terms; a probe name is
-two of those words that stand side by side nowhere in stage 0's rows: a new name of the usual length,
-made of words whose embeddings stage 0 trains, so the probe measures the skill, not memory.
+two of those words that stand side by side in no training text (stage 0's rows, captions, textbook, SFT
+chats): a new name of the usual length, made of words whose embeddings stage 0 trains, so the probe
+measures the skill, not memory.
 
     rows = reading_rows(np.random.default_rng(0), 1000, level=1)      # [{"messages", "skill", "level"}]
-    probe = probe_rows(np.random.default_rng(1), 200, rows)             # names never side by side in rows
+    texts = [m["content"] for row in rows for m in row["messages"]]    # + every other training text
+    probe = probe_rows(np.random.default_rng(1), 200, texts)            # names never side by side in texts
 """
 
 import re
@@ -67,13 +69,12 @@ def train_name(rng):
     return word_name(rng, TRAIN_WORDS)
 
 
-def unseen_pairs(rows):
-    """Two-word names whose words stand side by side nowhere in `rows` (stage 0's training rows)."""
+def unseen_pairs(texts):
+    """Two-word names whose words stand side by side in none of `texts` (what the training stages read)."""
     seen = set()
-    for row in rows:
-        for m in row["messages"]:
-            words = re.findall(r"[a-z]+", m["content"].lower())
-            seen.update(zip(words, words[1:]))
+    for text in texts:
+        words = re.findall(r"[a-z]+", text.lower())
+        seen.update(zip(words, words[1:]))
     return [f"{a} {b}" for a in TRAIN_WORDS for b in TRAIN_WORDS if a != b and (a, b) not in seen]
 
 
@@ -218,12 +219,12 @@ def reading_rows(rng, n, level, mix=None):
     return [reading_row(rng, skills[int(i)], level) for i in picks]
 
 
-def probe_rows(rng, n, train_rows):
+def probe_rows(rng, n, train_texts):
     """Held-out items at the longest level's layout: one question each, option walk and same-or-different
-    alternating, every option and finding a name from unseen_pairs(train_rows)."""
-    names = unseen_pairs(train_rows)
+    alternating, every option and finding a name from unseen_pairs(train_texts)."""
+    names = unseen_pairs(train_texts)
     if len(names) < 20:
-        raise ValueError(f"only {len(names)} word pairs never stand side by side in the reading rows; "
+        raise ValueError(f"only {len(names)} word pairs never stand side by side in the training texts; "
                          "the probe needs new names (fewer reading rows, or more words)")
 
     def probe_name(r):

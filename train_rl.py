@@ -8,12 +8,13 @@ One step, in the order the code runs it:
   3. filter    — DAPO dynamic sampling: drop groups whose G rewards are all equal (zero advantage,
                  zero gradient), sample more prompts until the batch is full or --max_gen_rounds
   4. advantage — A_i = (r_i - mean(r_group)) / (std(r_group) + eps)
-  5. old/ref log-probs — recomputed without grad (see `score` for why not the sampler's)
+  5. old/ref log-probs — old: the sampler's own, recorded in step 1 (see `rollout`); reference (GRPO's
+                 KL): the frozen model's, computed without grad
   6. update    — --ppo_epochs passes over --num_minibatches mini-batches, clipped surrogate loss
                  (GRPO: symmetric clip, k3 KL to the frozen SFT model, seq-mean-token-mean;
                   DAPO: clip-higher, no KL, token-mean over the global batch)
   7. log / eval / save
-Steps 1, 5 and 6 encode each group's image and prompt once and run each completion on top of
+Steps 1, 5 (reference) and 6 encode each group's image and prompt once and run each completion on top of
 their keys and values (--share_prefix, nanopatho/shared_prefix.py): the same numbers as giving
 every row its own image + prompt + completion, as the code below reads; bench/bench_rl_step.py
 measures the saving.
@@ -137,7 +138,12 @@ def completion_texts(tokenizer, ids, mask):
 
 @torch.no_grad()
 def rollout(cfg, model, tokenizer, items, images, indices, gen, device):
-    """Sample G completions for each prompt and score them. Returns a dict of tensors."""
+    """Sample G completions for each prompt and score them. Returns a dict of tensors.
+
+    logp_old holds the sampler's log-probs of its tokens, log_softmax(logits / T)[token], which are
+    pi_theta_old: the sampler is this same fp32 model at these same weights (no autocast in this script),
+    and its KV-cache logits equal a full forward's to ~1e-6 (tests/test_lm.py, tests/test_shared_prefix.py),
+    so a recompute would only cost a forward pass to move the ratio by ~1e-6, far inside the clip range."""
     model.eval()
     p_ids, p_mask, pixels = prompt_batch(tokenizer, model, items, images, indices, device)  # (P, Tp), (P, 3, S, S)
     G = cfg.group_size
@@ -162,7 +168,7 @@ def rollout(cfg, model, tokenizer, items, images, indices, gen, device):
     if cfg.overlong_shaping:
         reward = reward + rl.overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
     kind = torch.tensor([KINDS.index(k) for _, k in answers])  # (B,) for per-kind accuracy
-    return dict(prompt_ids=p_ids, prompt_mask=p_mask, pixels=pixels, ids=out.ids, mask=c_mask,
+    return dict(prompt_ids=p_ids, prompt_mask=p_mask, pixels=pixels, ids=out.ids, mask=c_mask, logp_old=out.logprobs,
                 reward=reward.float(), acc=acc.float(), fmt=fmt.float(), length=lengths.float(),
                 truncated=truncated, kind=kind)
 
@@ -177,7 +183,7 @@ def cat_rollouts(parts):
         if key in ("prompt_ids", "prompt_mask"):  # left-padded: pad on the left to the widest
             width = max(t.shape[1] for t in tensors)
             tensors = [torch.nn.functional.pad(t, (width - t.shape[1], 0)) for t in tensors]
-        elif key in ("ids", "mask"):  # right-padded completions
+        elif key in ("ids", "mask", "logp_old"):  # right-padded completions
             width = max(t.shape[1] for t in tensors)
             tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors]
         out[key] = torch.cat(tensors, 0)
@@ -251,20 +257,17 @@ def completion_logits(model, batch, rows, group_size=None):
 
 
 @torch.no_grad()
-def score(model, batch, temperature, impl, group_size=None, chunk=16, rows=None):
-    """Per-token log-probs of the sampled completions under `model`, without grad: (B, N), or
-    only `rows` of it (the other rows then hold NaN, never read).
+def score(model, batch, temperature, impl, group_size=None, chunk=16):
+    """Per-token log-probs of the sampled completions under `model` (the frozen reference), without
+    grad: (B, N). group_size: see completion_logits (chunks then hold whole groups).
 
-    Old log-probs are recomputed with the same forward the update uses rather than taken
-    from the sampler: the KV-cache sampler runs other kernel shapes (and, on GPU, other
-    precisions), so its numbers differ by rounding noise; a ratio that is not exactly 1
-    before any update would clip tokens for no reason. group_size: see completion_logits
-    (chunks then hold whole groups)."""
-    n_rows = batch["ids"].shape[0]
-    rows = torch.arange(n_rows) if rows is None else rows.sort().values
+    Old log-probs are not recomputed here but taken from the sampler (see `rollout`): it is the same
+    model in the same precision, so the two differ only by rounding (~1e-6). A sampler in another
+    precision than the update (bf16 rollouts, fp32 training, as verl + vLLM run) would need this
+    recompute for them too, or the ratio would stray from 1 before any update and clip for no reason."""
     chunk = chunk if group_size is None else max(1, chunk // group_size) * group_size
-    out = torch.full(batch["ids"].shape, float("nan"), device=batch["ids"].device)  # (B, N)
-    for part in rows.split(chunk):
+    out = torch.empty(batch["ids"].shape, device=batch["ids"].device)  # (B, N)
+    for part in torch.arange(batch["ids"].shape[0]).split(chunk):
         logits = completion_logits(model, batch, part, group_size)
         out[part] = token_logprobs(logits, batch["ids"][part], temperature=temperature, impl=impl).to(out.dtype)
     return out
@@ -277,34 +280,24 @@ def minibatches(cfg, n_rows, epoch):
     return order.chunk(max(1, min(cfg.num_minibatches, n_rows)))
 
 
-def old_and_ref_logprobs(cfg, model, ref, batch):
-    """Phase 2 of a step, no grad: (old log-probs, reference log-probs or None), each (B, N). The rows
-    of the update's first mini-batch are left to update(), which takes them from its own forward."""
-    shared = cfg.group_size if cfg.share_prefix else None
-    later = torch.ones(batch["ids"].shape[0], dtype=torch.bool)  # (B,)
-    later[minibatches(cfg, batch["ids"].shape[0], 0)[0]] = False
-    with fsdp.unsharded(model):
-        logp_old = score(model, batch, cfg.temperature, cfg.loss_impl, shared, rows=later.nonzero()[:, 0])
-    logp_ref = score(ref, batch, cfg.temperature, cfg.loss_impl, shared) if ref is not None else None
-    return logp_old, logp_ref
+def reference_logprobs(cfg, ref, batch):
+    """Phase 2 of a step, no grad: the frozen reference's log-probs (B, N) for the KL term, or None without one."""
+    if ref is None:
+        return None
+    return score(ref, batch, cfg.temperature, cfg.loss_impl, cfg.group_size if cfg.share_prefix else None)
 
 
 def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device, poison=False):
     """ppo_epochs x num_minibatches optimizer steps on one rollout batch. Returns mean stats.
-    The first mini-batch runs before any step, at theta_old itself: its old log-probs are its own
-    forward's, detached (so score() skips those rows, and the ratio there is exactly 1), and are
-    written into logp_old for the later epochs. `poison` makes the loss NaN (testing the non-finite guard)."""
+    `poison` makes the loss NaN (testing the non-finite guard)."""
     n_rows = batch["ids"].shape[0]
     stats_sum, n_updates = {}, 0
     for epoch in range(cfg.ppo_epochs):
-        for k, rows in enumerate(minibatches(cfg, n_rows, epoch)):
+        for rows in minibatches(cfg, n_rows, epoch):
             mask = loss_mask[rows]  # (b, N)
             n_global = training.global_count(int(mask.sum()), device)  # token-mean's denominator, all ranks
             seqs_global = training.global_count(len(rows), device)  # the seq-mean modes' denominator
             logits = completion_logits(ddp_model, batch, rows, cfg.group_size if cfg.share_prefix else None)  # (b, N, V)
-            if epoch == 0 and k == 0:  # pi_theta == pi_theta_old until the first step
-                logp_old[rows] = token_logprobs(logits.detach(), batch["ids"][rows], temperature=cfg.temperature,
-                                                impl=cfg.loss_impl).to(logp_old.dtype)
             loss, stats = fused_policy_loss(
                 logits, batch["ids"][rows], logp_old[rows], adv[rows], mask, temperature=cfg.temperature,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, logp_ref=None if logp_ref is None else logp_ref[rows],
@@ -416,9 +409,9 @@ def main(argv=None):
             if cfg.overlong_filter:
                 loss_mask = loss_mask * (~batch["truncated"]).float().to(device)[:, None]
             t_score = time.time()
-            logp_old, logp_ref = old_and_ref_logprobs(cfg, model, ref, batch)
-            row["score_seconds"] = time.time() - t_score  # old / reference log-prob recompute
-            row.update(update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device,
+            logp_ref = reference_logprobs(cfg, ref, batch)  # (B, N) or None
+            row["score_seconds"] = time.time() - t_score  # the reference's log-probs
+            row.update(update(cfg, ddp_model, optimizer, batch, batch["logp_old"], logp_ref, adv, loss_mask, device,
                               poison=step == cfg.debug_nan_step))
             row["reward_std"] = batch["reward"].std().item() if batch["reward"].numel() > 1 else 0.0
             skipped_steps += int(row.get("skipped", 0) > 0)

@@ -1,13 +1,13 @@
 """One GRPO step of train_rl.py, per phase, with and without the shared prompt prefix (issue 18).
 
     generation  the rollout's KV-cache sampling of G completions per prompt (model.generate, as train_rl.rollout)
-    score       old and reference log-probs, no grad (train_rl.old_and_ref_logprobs: GRPO has a reference
-                model; "after" leaves the first mini-batch's old log-probs to the update's own forward)
+    score       old and reference log-probs, no grad (GRPO has a reference model; "after" is
+                train_rl.reference_logprobs: the old log-probs are the sampler's, recorded during generation)
     update      ppo_epochs x num_minibatches optimizer steps (train_rl.update)
 
 "before" is the path before issue 18: `--share_prefix false` (every row of a group encodes its own
 copy of the image and prompt) and old log-probs recomputed for every row; "after" is train_rl's
-path, each group's image and prompt encoded once. Toy VLM (random
+path, each group's image and prompt encoded once and the sampler's log-probs kept as the old ones. Toy VLM (random
 init), toy RL preset (G = 8, temperature 0.7, 2 mini-batches, GRPO), 8 prompts of 78-109 tokens
 (the lengths of SynthPath's RL prompts, 16 image tokens each), exactly 128 new tokens per
 completion (no stop token), vocabulary 1513 (SynthPath's tokenizer). Both paths start every
@@ -88,15 +88,15 @@ def generate(model, cfg, prompts, temperature, seed=1):
                              max_new_tokens=cfg.max_new_tokens, temperature=temperature, pad_id=PAD, generator=gen)
     model.train()
     return dict(prompt_ids=ids.repeat_interleave(G, 0), prompt_mask=mask.repeat_interleave(G, 0),
-                pixels=pixels.repeat_interleave(G, 0), ids=out.ids, mask=out.mask)
+                pixels=pixels.repeat_interleave(G, 0), ids=out.ids, mask=out.mask, logp_old=out.logprobs)
 
 
 def score_and_update(model, ref, optimizer, cfg, batch, clock):
     """Phases 2 and 3 of a step on a rollout batch -> (seconds score, seconds update, logp_old)."""
     device = batch["ids"].device
     t0 = clock()
-    if cfg.share_prefix:  # train_rl's path: the first mini-batch's old log-probs come from the update's forward
-        logp_old, logp_ref = train_rl.old_and_ref_logprobs(cfg, model, ref, batch)
+    if cfg.share_prefix:  # train_rl's path: the old log-probs are the sampler's
+        logp_old, logp_ref = batch["logp_old"], train_rl.reference_logprobs(cfg, ref, batch)
     else:  # the path before issue 18: every row's old log-probs recomputed, every row encoding its prompt
         logp_old = train_rl.score(model, batch, cfg.temperature, cfg.loss_impl)
         logp_ref = train_rl.score(ref, batch, cfg.temperature, cfg.loss_impl)

@@ -266,7 +266,8 @@ class LM(nn.Module):
         B = P * samples_per_prompt, N <= max_new_tokens (the loop ends early once every row has emitted
         a stop id).
         logprobs are log_softmax(logits / T) of the *unfiltered* tempered distribution (T = 1 when
-        greedy), the quantity RL's importance ratio needs; top-k / top-p only restrict what is drawn.
+        greedy), the quantity RL's importance ratio needs (train_rl takes them as its old log-probs);
+        top-k / top-p / suppress_ids only restrict what is drawn.
         suppress_ids can never be sampled (e.g. the VLM's image placeholder, an input-only token);
         on_token(tok (B,), alive (B,)) is called after every step, for streaming to a terminal.
         samples_per_prompt = n draws n samples of each prompt (output rows p*n .. p*n+n-1): the prompt
@@ -301,9 +302,7 @@ class LM(nn.Module):
         suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
         n = 0
         for n in range(max_new_tokens):
-            if len(suppress):
-                logits[:, suppress] = float("-inf")
-            tok, logprob = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
+            tok, logprob = sample_next(logits, temperature, top_k, top_p, generator, suppress)  # (B,), (B,)
             alive = ~finished
             if on_token is not None:
                 on_token(tok, alive)
@@ -360,13 +359,16 @@ def filter_top_k_top_p(logits, top_k=None, top_p=None):
     return logits
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) fp32 -> (token (B,), log_softmax(logits / T)[token] (B,)). temperature 0 = greedy (T = 1 for logprobs)."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, suppress=None):
+    """logits (B, V) fp32 -> (token (B,), log_softmax(logits / T)[token] (B,)). temperature 0 = greedy (T = 1 for logprobs).
+    suppress (long tensor of ids): never drawn, but kept in the log-prob's normaliser, as top-k / top-p:
+    the log-prob is the full softmax's, the one a forward pass scores (RL's importance ratio)."""
     scaled = logits if temperature == 0 else logits / temperature  # (B, V)
+    drawn = scaled if suppress is None or not len(suppress) else scaled.index_fill(-1, suppress, float("-inf"))
     if temperature == 0:
-        tok = scaled.max(dim=-1).indices  # (B,) faster than argmax on the CPU
+        tok = drawn.max(dim=-1).indices  # (B,) faster than argmax on the CPU
     else:
-        probs = filter_top_k_top_p(scaled, top_k, top_p).softmax(dim=-1)  # (B, V)
+        probs = filter_top_k_top_p(drawn, top_k, top_p).softmax(dim=-1)  # (B, V)
         # inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, total); one random
         # number per row (torch.multinomial draws V exponentials per row: 20x slower at B=64, V=1.5k on a CPU)
         wide = torch.float32 if probs.device.type == "mps" else torch.float64  # fp64: each token keeps its exact share

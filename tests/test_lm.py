@@ -273,6 +273,16 @@ def test_sampling_frequencies_follow_the_distribution():
     assert tok[0] == 0 and 0 <= tok[1] < 3
 
 
+def test_suppressed_ids_are_never_drawn_but_stay_in_the_logprob():
+    """suppress only restricts the draw, as top-k / top-p: the log-prob is the full softmax's (RL's pi_old)."""
+    logits = torch.tensor([[3.0, 0.0, 1.0, 0.5]]).expand(200, 4)  # token 0 the likeliest
+    for temperature in (0.0, 0.7):
+        tok, logp = sample_next(logits, temperature, generator=torch.Generator().manual_seed(0),
+                                suppress=torch.tensor([0]))
+        full = (logits / (temperature or 1.0)).log_softmax(-1)  # (200, 4)
+        assert (tok != 0).all() and torch.allclose(logp, full.gather(-1, tok[:, None])[:, 0])
+
+
 def test_stop_tokens_end_rows():
     lm = tiny_lm()
     ids, mask = left_pad(PROMPTS)

@@ -19,6 +19,7 @@ from nanopatho import rl
 from nanopatho.kernels import fused_policy_loss
 from nanopatho.lm import LM, LMConfig
 from nanopatho.shared_prefix import continuation_attn_mask, continuation_logits
+from nanopatho.tokenizer import Tokenizer
 from nanopatho.vit import ViTConfig
 from nanopatho.vlm import VLM, VLMConfig
 
@@ -173,31 +174,48 @@ def test_update_equals_the_per_row_path(agg):
     assert moved > 10  # the update did change the weights
 
 
+def rollout_vlm(tok):
+    """A tiny VLM speaking tok's vocabulary (room for the chat template's system prompt)."""
+    torch.manual_seed(0)
+    lm = LMConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,
+                  max_seq_len=256)
+    vision = ViTConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=32)
+    return VLM(VLMConfig(vision=vision, lm=lm, image_token_id=tok.image_id))
+
+
 @pytest.mark.parametrize("share", [False, True])
-def test_first_minibatch_old_logprobs_come_from_the_updates_own_forward(share):
-    """Phase 2 skips the first mini-batch's rows (NaN there, the recompute elsewhere); update() fills them
-    from its first forward, at theta_old: stats and weights equal an update given every row recomputed."""
-    cfg = rl_cfg("token-mean", share)
-    batch, ref = dynamic_sampling_batch(tiny_vlm()), tiny_vlm(seed=1).eval()
-    full = train_rl.score(tiny_vlm(), batch, cfg.temperature, "torch")
-    logp_old, logp_ref = train_rl.old_and_ref_logprobs(cfg, tiny_vlm(), ref, batch)
-    first = torch.zeros(batch["ids"].shape[0], dtype=torch.bool)
-    first[train_rl.minibatches(cfg, batch["ids"].shape[0], 0)[0]] = True
-    assert logp_old[first].isnan().all() and not logp_old[~first].isnan().any()
-    assert torch.allclose(logp_old[~first], full[~first], atol=1e-5)
-    adv = rl.group_advantages(batch["reward"], G)
+def test_rollout_old_logprobs_equal_a_full_recompute(share):
+    """train_rl.rollout records the sampler's log-probs as logp_old (T 0.8, the image placeholder barred
+    from the draw but kept in the softmax): they equal every row's full prompt + completion forward
+    (train_rl.score, the recompute they replace), and an update given them ends with the stats and
+    weights of an update given the recompute."""
+    tok = Tokenizer.train(["<think>dense nuclei</think><answer>A) tumour</answer> which tissue is shown"] * 5, 300)
+    cfg = types.SimpleNamespace(**vars(rl_cfg("seq-mean-token-mean", share)), top_p=1.0, w_format=0.1, w_acc=0.9,
+                                overlong_shaping=0)
+    items = [dict(question="Which tissue is shown?", options=["A) tumour", "B) stroma"], answer="A", kind="mcq"),
+             dict(question="Is it tumour?", answer="yes", kind="yesno")]  # prompts of unequal lengths
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    model = rollout_vlm(tok)
+    batch = train_rl.rollout(cfg, model, tok, items, images, [0, 1], torch.Generator().manual_seed(0), torch.device("cpu"))
+    full = train_rl.score(model, batch, cfg.temperature, "torch")  # (B, N) per-row full forward
+    real = batch["mask"]
+    assert real.sum() > 10 and not (batch["ids"] == tok.image_id).any()
+    assert torch.allclose(batch["logp_old"][real], full[real], rtol=0, atol=5e-6)
+    adv = rl.group_advantages(batch["reward"] + torch.arange(len(real)) % 2, G)  # nonzero advantages
+    ref = rollout_vlm(tok).eval()
+    logp_ref = train_rl.score(ref, batch, cfg.temperature, "torch") + 0.01
     after = []
-    for old in (full.clone(), logp_old):
-        model = tiny_vlm()
+    for old in (full, batch["logp_old"]):
+        model = rollout_vlm(tok)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        stats = train_rl.update(cfg, model, optimizer, batch, old, logp_ref, adv, batch["mask"].float(), torch.device("cpu"))
+        stats = train_rl.update(cfg, model, optimizer, batch, old, logp_ref, adv, real.float(), torch.device("cpu"))
         after.append((stats, model.state_dict()))
-    assert torch.allclose(logp_old[batch["mask"]], full[batch["mask"]], atol=1e-5)  # filled in, at theta_old
     (stats_a, w_a), (stats_b, w_b) = after
     for k in stats_a:
         assert stats_b[k] == pytest.approx(stats_a[k], rel=1e-4, abs=1e-6), k
     for name in w_a:
         assert torch.allclose(w_a[name], w_b[name], atol=1e-5), name
+    assert not torch.equal(w_a["lm.norm.weight"], rollout_vlm(tok).state_dict()["lm.norm.weight"])  # it did move
 
 
 # -----------------------------------------------------------------------------
@@ -224,7 +242,7 @@ def test_generate_samples_per_prompt_equals_repeated_prompts():
 
 
 def test_sampled_logprobs_of_shared_prefill_match_a_forward():
-    """LM level (the VLM's generate also bars the image placeholder, which a plain forward does not)."""
+    """LM level; the VLM level, image placeholder barred from the draw, is train_rl's rollout test above."""
     lm = tiny_vlm().lm.eval()
     batch = rollout_round(tiny_vlm(), 2, 12, 1)
     ids, mask = batch["prompt_ids"][::G].clamp(max=V - 1), batch["prompt_mask"][::G]  # (P, Tp)

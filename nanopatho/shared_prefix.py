@@ -66,12 +66,12 @@ def continuation_logits(lm, prefix_embeds, prefix_mask, ids, mask, prefix_of_row
     assert Tp + N - 1 <= lm.config.max_seq_len, f"prefix {Tp} + continuation {N} > max_seq_len {lm.config.max_seq_len}"
     cache = PrefixKV(lm.config.n_layer, prefix_of_row)
     h = lm.hidden_states(prefix_embeds, positions_from_mask(prefix_mask), padding_attn_mask(prefix_mask), cache)
-    first = lm.lm_head(h[:, -1]).float()[prefix_of_row]  # (b, V): the prefix's last token predicts ids[:, 0]
+    first = h[:, -1][prefix_of_row, None]  # (b, 1, C): the prefix's last token predicts ids[:, 0]
     if N == 1:
-        return first[:, None]
+        return lm.lm_head(first).float()
     inputs, inputs_mask = ids[:, :-1], mask[:, :-1].long()  # (b, N-1): tokens 0..N-2 predict tokens 1..N-1
     n_prefix = prefix_mask.long().sum(1)[prefix_of_row]  # (b,) real prefix tokens
     positions = (n_prefix[:, None] + inputs_mask.cumsum(1) - 1).clamp(min=0)  # (b, N-1) as cumsum(mask) - 1 overall
     attn = continuation_attn_mask(prefix_mask[prefix_of_row], inputs_mask)  # (b, 1, N-1, Tp + N-1)
     h = lm.hidden_states(lm.embed_tokens(inputs), positions, attn, cache, Tp)  # (b, N-1, C)
-    return torch.cat([first[:, None], lm.lm_head(h).float()], dim=1)  # (b, N, V)
+    return lm.lm_head(torch.cat([first, h], dim=1)).float()  # (b, N, V): one head matmul, no (b, N, V) concat

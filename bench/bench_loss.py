@@ -42,13 +42,14 @@ EPS_LOW, EPS_HIGH, BETA, TEMPERATURE = 0.2, 0.28, 0.04, 0.9
 
 
 def make_batch(B, L, V, dtype, device, extra_row=False):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    logits = torch.randn(B, L + int(extra_row), V, generator=g).to(device=device, dtype=dtype)  # (B, L[+1], V)
-    ids = torch.randint(0, V, (B, L), generator=g).to(device)  # (B, L)
-    logp_old = (-torch.rand(B, L, generator=g) * 12.0).to(device)  # (B, L), ratios both sides of the clip
-    logp_ref = (logp_old.cpu() + 0.1 * torch.randn(B, L, generator=g)).to(device)
-    adv = torch.randn(B, generator=g).to(device)  # (B,)
-    mask = (torch.rand(B, L, generator=g) > 0.1).float().to(device)  # (B, L)
+    g = torch.Generator(device=device).manual_seed(0)  # drawn where they live: a CPU draw of 1.2e9 logits takes a minute
+    d = dict(generator=g, device=device)
+    logits = torch.randn(B, L + int(extra_row), V, **d).to(dtype)  # (B, L[+1], V)
+    ids = torch.randint(0, V, (B, L), **d)  # (B, L)
+    logp_old = -torch.rand(B, L, **d) * 12.0  # (B, L), ratios both sides of the clip
+    logp_ref = logp_old + 0.1 * torch.randn(B, L, **d)
+    adv = torch.randn(B, **d)  # (B,)
+    mask = (torch.rand(B, L, **d) > 0.1).float()  # (B, L)
     return dict(logits=logits.requires_grad_(True), ids=ids, logp_old=logp_old, logp_ref=logp_ref, adv=adv, mask=mask)
 
 

@@ -226,7 +226,8 @@ def policy_loss(logp, logp_old, advantages, mask, *, eps_low, eps_high, logp_ref
             "clip_frac_high": _masked_mean(high.to(m.dtype), m),
             "clip_frac": _masked_mean((low | high).to(m.dtype), m),
             "ratio_mean": _masked_mean(ratio, m),
-            "ratio_max": ratio[valid].max() if valid.any() else ratio.new_tensor(1.0),
+            "ratio_max": torch.where(valid.any(), ratio.masked_fill(~valid, float("-inf")).amax(),
+                                     ratio.new_tensor(1.0)),  # 1 when no token counts; no device sync
         }
         if kl is not None:
             stats["kl"] = _masked_mean(kl, m)

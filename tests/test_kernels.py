@@ -32,7 +32,8 @@ def small_blocks(monkeypatch):
     """Vocabulary blocks of 64 columns, so V = 300 spans 5 blocks with a ragged tail (300 = 4*64 + 44)."""
     if triton_available():
         from nanopatho.kernels import policy_loss_triton
-        monkeypatch.setattr(policy_loss_triton, "MAX_BLOCK_V", 64)
+        monkeypatch.setattr(policy_loss_triton, "FWD_MAX_BLOCK_V", 64)
+        monkeypatch.setattr(policy_loss_triton, "BWD_MAX_BLOCK_V", 64)
 
 
 def reference(logits, ids, logp_old, adv, mask, *, temperature, eps_low, eps_high, logp_ref=None, beta=0.0,

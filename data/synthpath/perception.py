@@ -1,0 +1,113 @@
+"""Can the toy vision tower see a tumour attribute in SynthPath's pixels at all?
+
+The MCQ types other than the tissue (mitoses, grade, gland formation, pleomorphism) ask about
+details of a 64-pixel tumour tile. Before blaming SFT or RL for near-chance answers, ask the
+pixels: train the ViT with one linear head per attribute on the mean-pooled tokens, supervised
+directly on the world's own labels (the strongest signal any stage could give it), on fresh
+tiles from world.render, and score held-out tiles against the majority class. An attribute the
+supervised ViT cannot learn here is beyond what captions, chains or rewards can teach it.
+
+    python -m data.synthpath.perception                           # scratch ViT, toy size, ~3 min on 2 cores
+    python -m data.synthpath.perception --init out/seed0/clip     # start from a PathoCLIP checkpoint's ViT
+    python -m data.synthpath.perception --size 96 --steps 900     # would a larger tile help?
+
+Tiles: --n_train from seed 100 and 600 held-out ones from seed 200 (disjoint draws), each the
+generator's tumour class with attributes from world.sample_attributes. AdamW, batch 64; the
+held-out accuracy of each head is printed every --eval_every steps.
+"""
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data.synthpath import world
+from nanopatho.presets import clip_config
+from nanopatho.vit import ViT
+
+ATTRIBUTES = {"mitoses": tuple(range(world.MAX_MITOSES + 1)), "pleomorphism": world.PLEO,
+              "gland_formation": world.GLANDS, "grade": ("low", "high")}
+
+
+def tumour_tiles(seed, n, size):
+    """n tumour tiles (n, 3, size, size) in [-1, 1] and their labels {attribute: (n,) class index}."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], {a: [] for a in ATTRIBUTES}
+    for _ in range(n):
+        attrs = world.sample_attributes(rng, "TUM")
+        images.append(world.render(rng, "TUM", attrs, size))  # (size, size, 3) uint8
+        for a, classes in ATTRIBUTES.items():
+            labels[a].append(classes.index(attrs[a]))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, S, S)
+    return x, {a: torch.tensor(v) for a, v in labels.items()}
+
+
+def heads_for(n_embd):
+    return nn.ModuleDict({a: nn.Linear(n_embd, len(c)) for a, c in ATTRIBUTES.items()})
+
+
+@torch.no_grad()
+def held_out_accuracy(vit, heads, x, y, batch=200):
+    vit.eval()
+    pooled = torch.cat([vit(x[i:i + batch])[1] for i in range(0, len(x), batch)])  # (n, C)
+    vit.train()
+    return {a: (heads[a](pooled).argmax(1) == y[a]).float().mean().item() for a in ATTRIBUTES}
+
+
+def majority(y):
+    return {a: np.bincount(v.numpy()).max() / len(v) for a, v in y.items()}
+
+
+def train(vit, x, y, x_test, y_test, *, steps, lr, batch=64, eval_every=150, seed=0, log=print):
+    """Supervise vit + linear heads on every attribute at once; returns [(step, {attribute: accuracy})]."""
+    heads = heads_for(vit.config.n_embd)
+    opt = torch.optim.AdamW(list(vit.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    curve = []
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(x), (batch,), generator=g)  # (batch,)
+        _, pooled = vit(x[idx])  # (batch, C)
+        loss = sum(F.cross_entropy(heads[a](pooled), y[a][idx]) for a in ATTRIBUTES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            curve.append((step, held_out_accuracy(vit, heads, x_test, y_test)))
+            log(f"step {step:5d}  loss {loss.item():.3f}  " + "  ".join(f"{a} {v:.3f}" for a, v in curve[-1][1].items()))
+    return curve
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=64, help="tile size in pixels (the toy preset's is 64)")
+    p.add_argument("--init", default=None, help="a PathoCLIP checkpoint directory whose ViT to start from")
+    p.add_argument("--n_train", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-3 from scratch, 3e-4 from --init")
+    p.add_argument("--eval_every", type=int, default=150)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t0 = time.time()
+    x, y = tumour_tiles(100, args.n_train, args.size)
+    x_test, y_test = tumour_tiles(200, 600, args.size)
+    print(f"{args.n_train} + 600 tumour tiles at {args.size} px in {time.time() - t0:.0f}s; held-out majority class: "
+          + "  ".join(f"{a} {v:.3f}" for a, v in majority(y_test).items()))
+    if args.init:
+        from nanopatho.checkpoint import load
+        vit = load(args.init, "cpu")[0].visual.vit  # another --size: its position grid is resized
+    else:
+        vit = ViT(dataclasses.replace(clip_config("toy", 8).vision, image_size=args.size))  # the toy tower
+    train(vit, x, y, x_test, y_test, steps=args.steps, lr=args.lr or (3e-4 if args.init else 1e-3),
+          eval_every=args.eval_every)
+    print(f"done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -225,12 +225,14 @@ def _common(responses, answers, preds, lengths):
             "mean_response_length": mean_len, "length_unit": unit}
 
 
-def mcq_metrics(responses, answers, num_options=None, lengths=None):
+def mcq_metrics(responses, answers, num_options=None, lengths=None, types=None):
     """MCQ accuracy with the letter read from <answer>...</answer> (rewards.parse_choice).
 
     A response without a closed answer block, or whose answer names no single letter, is wrong and
     counted in "unparseable" (never replaced by a guess). The gold may be "B" or "B) text".
     Chance = mean over items of 1/num_options (omitted when num_options is None).
+    types (one label per item, e.g. SynthPath's "tissue" / "mitoses") adds "by_type":
+    {type: {"accuracy", "n", "chance"}}, so a total can be read as what it is made of.
     """
     assert len(responses) == len(answers), "one response per answer"
     preds = [None if a is None else parse_choice(a) for a in map(extract_answer, responses)]
@@ -239,6 +241,13 @@ def mcq_metrics(responses, answers, num_options=None, lengths=None):
            "chance": {}}
     if num_options is not None:
         out["chance"]["accuracy"] = float(np.mean([1.0 / n for n in num_options]))
+    if types is not None:
+        assert len(types) == len(answers), "one type per answer"
+        out["by_type"] = {}
+        for t in sorted(set(types)):
+            idx = [i for i, x in enumerate(types) if x == t]
+            out["by_type"][t] = {"accuracy": float(np.mean([correct[i] for i in idx])), "n": len(idx),
+                                 "chance": None if num_options is None else float(np.mean([1.0 / num_options[i] for i in idx]))}
     return out
 
 
@@ -453,8 +462,9 @@ def eval_vlm(model, tokenizer, data_dir, tasks=VLM_TASKS, *, batch_size=16, devi
         items = _load(os.path.join(data_dir, "mcq_test.jsonl"), ("image", "question", "options", "answer"), limit)
         images_u8, items, _ = preload_images(items, size, desc="mcq_test.jsonl")
         texts, lengths = generate_answers(model, tokenizer, items, images_u8, **gen)
+        types = [it["type"] for it in items] if all("type" in it for it in items) else None
         results["mcq"] = mcq_metrics(texts, [it["answer"] for it in items], [len(it["options"]) for it in items],
-                                     lengths)
+                                     lengths, types)
         if return_responses:
             results["mcq"]["responses"] = texts
     if "vqa" in tasks:
@@ -486,6 +496,9 @@ def format_table(results):
             chance_s = f"{chance:>10.4f}" if chance is not None else f"{'':>10}"
             value_s = f"{value:>10d}" if isinstance(value, int) else f"{value:>10.4f}"
             lines.append(f"{task:<14}{key:<26}{value_s}{chance_s}")
+        for t, r in res.get("by_type", {}).items():  # accuracy per question type, then its item count
+            chance_s = f"{r['chance']:>10.4f}" if r["chance"] is not None else f"{'':>10}"
+            lines.append(f"{task:<14}{'accuracy ' + t + ' (' + str(r['n']) + ')':<26}{r['accuracy']:>10.4f}{chance_s}")
     return "\n".join(lines)
 
 

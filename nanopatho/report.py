@@ -95,10 +95,47 @@ def collect(out, seeds):
         report["chance"]["vlm"][col] = next((chance_of(evals[s][st], path) for s in seeds for st, _ in VLM_STAGES
                                              if evals[s][st] and chance_of(evals[s][st], path) is not None), None)
     report["per_seed_mcq"] = {st: [dig(evals[s][st], ("mcq", "accuracy")) for s in seeds] for st, _ in VLM_STAGES}
+    report["mcq_by_type"] = mcq_by_type(evals, seeds)
     report["sft_token_roles"] = token_roles(out, seeds)
     report["reading_probe"] = reading_probe(out, seeds)
     report["base_lm_seconds"] = stage_seconds(out, None).get("base_lm")
     return report
+
+
+def mcq_by_type(evals, seeds):
+    """{stage: {type: summary of accuracy}} plus "n" and "chance" per type, from eval.json's mcq.by_type;
+    and "tissue_headroom": per seed, the MCQ accuracy SFT would reach with every tissue question right
+    and every other type as it answers them (what perfecting the one perceivable type is worth)."""
+    runs = {st: [dig(evals[s][st], ("mcq", "by_type")) for s in seeds] for st, _ in VLM_STAGES}
+    types = sorted({t for rs in runs.values() for r in rs if r for t in r})
+    if not types:
+        return {}
+    first = next(r for rs in runs.values() for r in rs if r)
+    out = {"types": types, "n": {t: first.get(t, {}).get("n") for t in types},
+           "chance": {t: first.get(t, {}).get("chance") for t in types},
+           "stages": {st: {t: summarise([(r or {}).get(t, {}).get("accuracy") for r in rs]) for t in types}
+                      for st, rs in runs.items()}}
+    headroom = []
+    for r in runs["sft"]:
+        if r and "tissue" in r:
+            total = sum(v["n"] for v in r.values())
+            perfect = (r["tissue"]["n"] + sum(v["accuracy"] * v["n"] for t, v in r.items() if t != "tissue")) / total
+            headroom.append(perfect - sum(v["accuracy"] * v["n"] for v in r.values()) / total)
+    out["tissue_headroom"] = summarise(headroom)
+    return out
+
+
+def by_type_markdown(by_type):
+    """MCQ accuracy per question type and stage, beside each type's chance and item count."""
+    if not by_type:
+        return ""
+    types = by_type["types"]
+    lines = ["| MCQ accuracy by question type | " + " | ".join(f"{t} (n={by_type['n'][t]})" for t in types) + " |",
+             "|---|" + "---|" * len(types)]
+    for stage, label in VLM_STAGES:
+        lines.append(f"| {label} | " + " | ".join(fmt(by_type["stages"][stage][t]) for t in types) + " |")
+    lines.append("| chance | " + " | ".join(fmt_chance(by_type["chance"][t]) for t in types) + " |")
+    return "\n".join(lines)
 
 
 PROBE_STAGES = [("base_lm", "stage 0 base LM"), ("pretrain", "stage 1 pretrain"), ("sft", "stage 2 SFT")]
@@ -181,6 +218,11 @@ def claims(report):
                         f"{value:.3f} vs {sft:.3f} ({100 * (value - sft):+.1f} points)"))
     if grpo is not None and dapo is not None:
         out.append(("DAPO vs GRPO (information, not a pass/fail target)", None, f"{dapo:.3f} vs {grpo:.3f}"))
+    headroom = (report.get("mcq_by_type") or {}).get("tissue_headroom")
+    if headroom and sft is not None:
+        out.append(("MCQ headroom from the tissue questions alone: SFT with every tissue question right and the other "
+                    "types unchanged (information)", None,
+                    f"{sft + headroom['mean']:.3f} ({100 * headroom['mean']:+.1f} points over SFT)"))
     out += reading_claims(report, sft, mean("sft", "closed-VQA acc"), report["chance"]["vlm"].get("closed-VQA acc"))
     f1 = {stage: mean(stage, "open-VQA F1") for stage in ("sft", "rl_grpo", "rl_dapo")}
     f1_majority = report["chance"]["vlm"].get("open-VQA F1")
@@ -309,6 +351,9 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
              f"Preset `{preset}`, seeds {', '.join(map(str, seeds))} (mean ± population std over seeds when more than one). "
              f"Every model is evaluated on the same held-out SynthPath sets (images never seen in training), greedy decoding.\n",
              "## VLM stages\n", vlm_table]
+    by_type = by_type_markdown(report.get("mcq_by_type"))
+    if by_type:
+        parts += ["\nThe MCQ accuracy split by what the question asks (the same answers as the MCQ column):\n", by_type]
     roles = roles_markdown(report.get("sft_token_roles"))
     if roles:
         parts += ["\nWhere the SFT model's loss sits, on SFT held-out conversations (`python -m nanopatho.diagnose`):\n",
@@ -364,7 +409,8 @@ def main(argv=None):
         json.dump({"report": report, "claims": [{"claim": c, "pass": ok, "numbers": n} for c, ok, n in claim_rows],
                    "machine": info, "seeds": seeds, "preset": args.preset, "meta": meta}, f, indent=2)
     if args.readme:
-        tables = [t for t in (*tables_markdown(report, meta), roles_markdown(report["sft_token_roles"]),
+        tables = [t for t in (*tables_markdown(report, meta), by_type_markdown(report["mcq_by_type"]),
+                              roles_markdown(report["sft_token_roles"]),
                               probe_markdown(report["reading_probe"], report["base_lm_seconds"])) if t]
         rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, commit {info['commit']}, "
                        f"preset {args.preset}, seeds {args.seeds}, {info['cpus']} CPUs, torch {info['torch']}):\n\n" +

@@ -178,6 +178,19 @@ def test_mcq_unparseable_counted_wrong():
     assert mcq_metrics(["x y z"], ["A"])["mean_response_length"] == 3.0
 
 
+def test_mcq_accuracy_by_type():
+    """by_type splits the same correct / wrong calls by question type; the n-weighted mean of the
+    per-type accuracies is the total."""
+    responses = [r1("B"), r1("A"), r1("C"), r1("D"), r1("A")]
+    m = mcq_metrics(responses, ["B", "B", "C", "A", "A"], num_options=[4, 4, 4, 2, 4],
+                    types=["tissue", "tissue", "mitoses", "mitoses", "tissue"])
+    assert m["by_type"]["tissue"] == {"accuracy": pytest.approx(2 / 3), "n": 3, "chance": pytest.approx(0.25)}
+    assert m["by_type"]["mitoses"] == {"accuracy": pytest.approx(1 / 2), "n": 2, "chance": pytest.approx(0.375)}
+    assert m["accuracy"] == pytest.approx(sum(r["accuracy"] * r["n"] for r in m["by_type"].values()) / 5)
+    assert "by_type" not in mcq_metrics(responses, ["B"] * 5)
+    assert "accuracy tissue (3)" in format_table({"mcq": m})
+
+
 def test_strip_end_markers_and_table():
     assert strip_end_markers("<answer>A</answer><|im_end|>\n<|pad|>") == "<answer>A</answer>"
     assert strip_end_markers("plain") == "plain"

@@ -119,3 +119,27 @@ def test_reading_probe_table_and_claims(tmp_path):
 def test_no_probe_files_means_no_probe_table(tmp_path):
     r = report.collect(str(tmp_path), [0])
     assert report.probe_markdown(r["reading_probe"], None) == ""
+
+
+def test_mcq_by_type_table_and_headroom(tmp_path, monkeypatch):
+    """Per-type MCQ accuracy from eval.json's mcq.by_type, and the headroom line: SFT with 2 of 4 tissue
+    and 1 of 4 mitoses right (0.375) would reach (4 + 1) / 8 = 0.625 with every tissue question right."""
+    out = str(tmp_path / "out")
+    by_type = {"sft": {"tissue": 0.5, "mitoses": 0.25}, "rl_grpo": {"tissue": 0.75, "mitoses": 0.5}}
+    for stage, acc in by_type.items():
+        types = {t: {"accuracy": a, "n": 4, "chance": 0.25} for t, a in acc.items()}
+        write(os.path.join(out, "seed0", stage, "eval.json"),
+              {"results": {"mcq": {"accuracy": sum(acc.values()) / 2, "chance": {"accuracy": 0.25}, "by_type": types}}})
+    monkeypatch.setattr(report, "plot_curves", lambda *a: "(no curves in this test)")
+    report.main(["--out", out, "--data", str(tmp_path / "no_data"), "--seeds", "0"])
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    r = saved["report"]["mcq_by_type"]
+    assert r["types"] == ["mitoses", "tissue"] and r["n"] == {"mitoses": 4, "tissue": 4}
+    assert r["stages"]["rl_grpo"]["tissue"]["mean"] == pytest.approx(0.75)
+    assert r["stages"]["pretrain"]["tissue"] is None
+    assert r["tissue_headroom"]["mean"] == pytest.approx(0.625 - 0.375)
+    headroom = [c for c in saved["claims"] if c["claim"].startswith("MCQ headroom")]
+    assert headroom[0]["pass"] is None and "0.625 (+25.0 points over SFT)" in headroom[0]["numbers"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| MCQ accuracy by question type | mitoses (n=4) | tissue (n=4) |" in md
+    assert "| stage 3 GRPO | 0.500 | 0.750 |" in md and "| chance | 0.250 | 0.250 |" in md

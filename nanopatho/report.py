@@ -409,7 +409,8 @@ def main(argv=None):
         json.dump({"report": report, "claims": [{"claim": c, "pass": ok, "numbers": n} for c, ok, n in claim_rows],
                    "machine": info, "seeds": seeds, "preset": args.preset, "meta": meta}, f, indent=2)
     if args.readme:
-        tables = [t for t in (*tables_markdown(report, meta), by_type_markdown(report["mcq_by_type"]),
+        vlm_table, clip_table = tables_markdown(report, meta)
+        tables = [t for t in (vlm_table, by_type_markdown(report["mcq_by_type"]), clip_table,
                               roles_markdown(report["sft_token_roles"]),
                               probe_markdown(report["reading_probe"], report["base_lm_seconds"])) if t]
         rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, commit {info['commit']}, "

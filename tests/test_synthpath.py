@@ -281,3 +281,29 @@ def test_perception_probe_tiles_and_training():
     assert [step for step, _ in curve] == [2, 3]
     assert all(set(acc) == set(perception.ATTRIBUTES) and all(abs(v * 6 - round(v * 6)) < 1e-5 for v in acc.values())
                for _, acc in curve)
+
+
+def test_perception_linear_probe_on_frozen_features():
+    """perception.linear_probe: a tower whose pooled features hold each label one-hot is read perfectly; the
+    tower's weights are left as they were; accuracies are fractions of the held-out tiles."""
+    import torch
+
+    from data.synthpath import perception
+
+    class LabelTower(torch.nn.Module):  # pooled features = the labels of the tiles, looked up by their pixels
+        def __init__(self, x, y):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.table = {tuple(xi.flatten()[:8].tolist()): i for i, xi in enumerate(x)}
+            self.onehot = torch.cat([torch.nn.functional.one_hot(y[a], len(c)).float()
+                                     for a, c in perception.ATTRIBUTES.items()], 1)  # (n, sum of classes)
+
+        def forward(self, x):
+            idx = [self.table[tuple(xi.flatten()[:8].tolist())] for xi in x]
+            return None, self.onehot[idx] * self.w
+
+    x, y = perception.tumour_tiles(0, 24, 16)
+    tower = LabelTower(x, y)
+    acc = perception.linear_probe(tower, x[:16], {a: v[:16] for a, v in y.items()}, x[16:], {a: v[16:] for a, v in y.items()})
+    assert set(acc) == set(perception.ATTRIBUTES) and all(v == 1.0 for v in acc.values())
+    assert tower.w.item() == 1.0 and tower.w.grad is None

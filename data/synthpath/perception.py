@@ -10,6 +10,11 @@ supervised ViT cannot learn here is beyond what captions, chains or rewards can 
     python -m data.synthpath.perception                           # scratch ViT, toy size, ~3 min on 2 cores
     python -m data.synthpath.perception --init out/seed0/clip     # start from a PathoCLIP checkpoint's ViT
     python -m data.synthpath.perception --size 96 --steps 900     # would a larger tile help?
+    python -m data.synthpath.perception --init out/seed0/sft --frozen   # is it already in a trained tower's features?
+
+--frozen fits only the linear heads (L-BFGS logistic regression on the standardised pooled features) and
+leaves the tower as the checkpoint has it (a PathoCLIP or a VLM directory): it asks whether an earlier stage
+already put the attribute into the features, which is what stage 1, SFT and RL build on.
 
 Tiles: --n_train from seed 100 and 600 held-out ones from seed 200 (disjoint draws), each the
 generator's tumour class with attributes from world.sample_attributes. AdamW, batch 64; the
@@ -51,11 +56,39 @@ def heads_for(n_embd):
 
 
 @torch.no_grad()
-def held_out_accuracy(vit, heads, x, y, batch=200):
+def pooled_features(vit, x, batch=200):
+    """Mean-pooled tower features (n, C) in eval mode."""
     vit.eval()
-    pooled = torch.cat([vit(x[i:i + batch])[1] for i in range(0, len(x), batch)])  # (n, C)
+    return torch.cat([vit(x[i:i + batch])[1] for i in range(0, len(x), batch)])  # (n, C)
+
+
+def held_out_accuracy(vit, heads, x, y):
+    pooled = pooled_features(vit, x)  # (n, C)
     vit.train()
-    return {a: (heads[a](pooled).argmax(1) == y[a]).float().mean().item() for a in ATTRIBUTES}
+    with torch.no_grad():
+        return {a: (heads[a](pooled).argmax(1) == y[a]).float().mean().item() for a in ATTRIBUTES}
+
+
+def linear_probe(vit, x, y, x_test, y_test, l2=1e-3):
+    """Held-out accuracy {attribute: acc} of a logistic regression per attribute on the frozen pooled features."""
+    f, f_test = pooled_features(vit, x), pooled_features(vit, x_test)  # (n, C), (m, C)
+    mu, sd = f.mean(0), f.std(0) + 1e-6
+    f, f_test = (f - mu) / sd, (f_test - mu) / sd
+    acc = {}
+    for a, classes in ATTRIBUTES.items():
+        head = nn.Linear(f.shape[1], len(classes))
+        nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=300)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(head(f), y[a]) + l2 * head.weight.pow(2).sum()  # mean NLL + L2
+            loss.backward()
+            return loss
+        opt.step(closure)
+        with torch.no_grad():
+            acc[a] = (head(f_test).argmax(1) == y_test[a]).float().mean().item()
+    return acc
 
 
 def majority(y):
@@ -84,7 +117,8 @@ def train(vit, x, y, x_test, y_test, *, steps, lr, batch=64, eval_every=150, see
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=64, help="tile size in pixels (the toy preset's is 64)")
-    p.add_argument("--init", default=None, help="a PathoCLIP checkpoint directory whose ViT to start from")
+    p.add_argument("--init", default=None, help="a PathoCLIP or VLM checkpoint directory whose ViT to start from")
+    p.add_argument("--frozen", action="store_true", help="fit linear heads only, on the frozen tower's features")
     p.add_argument("--n_train", type=int, default=3000)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 from scratch, 3e-4 from --init")
@@ -101,11 +135,16 @@ def main(argv=None):
           + "  ".join(f"{a} {v:.3f}" for a, v in majority(y_test).items()))
     if args.init:
         from nanopatho.checkpoint import load
-        vit = load(args.init, "cpu")[0].visual.vit  # another --size: its position grid is resized
+        model = load(args.init, "cpu")[0]
+        vit = model.visual.vit if hasattr(model, "visual") else model.vision  # another --size: grid resized
     else:
         vit = ViT(dataclasses.replace(clip_config("toy", 8).vision, image_size=args.size))  # the toy tower
-    train(vit, x, y, x_test, y_test, steps=args.steps, lr=args.lr or (3e-4 if args.init else 1e-3),
-          eval_every=args.eval_every)
+    if args.frozen:
+        acc = linear_probe(vit, x, y, x_test, y_test)
+        print("frozen features, held-out accuracy: " + "  ".join(f"{a} {v:.3f}" for a, v in acc.items()))
+    else:
+        train(vit, x, y, x_test, y_test, steps=args.steps, lr=args.lr or (3e-4 if args.init else 1e-3),
+              eval_every=args.eval_every)
     print(f"done in {time.time() - t0:.0f}s")
 
 

@@ -244,11 +244,29 @@ def test_grade_rule():
 
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_mitoses_drawn_as_condensed_figures(k):
+    """Each mitotic figure is a near-black patch of >= 12 px at 64 px, big enough for the toy ViT to count
+    (data/synthpath/perception.py; the figures of 4-6 px drawn before could not be counted even when supervised)."""
     attrs = dict(world.sample_attributes(np.random.default_rng(1), "TUM"), mitoses=k, necrosis=False, mucin=False)
     H, _ = world.draw_tumour(np.random.default_rng(2), 64, 1.0, attrs)
     dark = H > 1.6                                 # ordinary nuclei are capped at 1.15
     assert dark.any() == (k > 0)
-    assert dark.sum() >= 3 * k
+    assert dark.sum() >= 12 * k
+
+
+def test_pleomorphism_shows_giant_hyperchromatic_nuclei():
+    """Moderate and marked pleomorphism draw a share of the nuclei at twice the radius and darker (H ~ 1.05,
+    ordinary tumour nuclei ~ 0.75): the share of the tile above H = 0.98 is ~0 for mild and grows with the grade
+    (the toy ViT learns pleomorphism from these: data/synthpath/perception.py)."""
+    def dark_share(pleo):
+        out = []
+        for s in range(12):
+            attrs = dict(world.sample_attributes(np.random.default_rng([s, 0]), "TUM"), pleomorphism=pleo,
+                         nuclear_size="medium", nuclear_density="moderate", mitoses=0, necrosis=False, mucin=False)
+            H, _ = world.draw_tumour(np.random.default_rng([s, 1]), 64, 1.0, attrs)
+            out.append((H > 0.98).mean())
+        return np.mean(out)
+    mild, moderate, marked = dark_share("mild"), dark_share("moderate"), dark_share("marked")
+    assert mild < 0.002 and 0.01 < moderate < marked and marked > 0.06
 
 
 def test_image_size_scales_and_rejects_bad_size(tmp_path):

@@ -42,7 +42,7 @@ from data.synthpath import text as T  # noqa: E402
 from data.synthpath.world import CLASSES, GLANDS, LEVELS, MAX_MITOSES, PLEO, SIZES, render, sample_attributes  # noqa: E402
 from nanopatho.prompts import SYSTEM_PROMPT, format_question  # noqa: E402
 
-VERSION = "synthpath-1.0"
+VERSION = "synthpath-1.1"  # 1.1: larger mitotic figures with halos, giant nuclei for pleomorphism
 TRAIN_CLASS_P = {c: (0.28 if c == "TUM" else 0.09) for c in CLASSES}   # tumours oversampled for SFT / RL
 HIST_BINS = 8                                                           # per channel, colour baseline
 

@@ -351,7 +351,8 @@ def draw_normal(rng, S, U, attrs):
 
 _TUM_SPACING = {"low": 4.4, "moderate": 3.5, "high": 2.9}          # nucleus spacing, units
 _TUM_RADIUS = {"small": 1.4, "medium": 1.85, "large": 2.4}         # nuclear radius, units
-_TUM_PLEO = {"mild": (0.07, 0.04, 1.1), "moderate": (0.17, 0.13, 1.25), "marked": (0.33, 0.27, 1.45)}  # cv, irr, elong
+_TUM_PLEO = {"mild": (0.05, 0.03, 1.1), "moderate": (0.18, 0.13, 1.25), "marked": (0.3, 0.25, 1.45)}  # cv, irr, elong
+_TUM_GIANT = {"mild": 0.0, "moderate": 0.05, "marked": 0.16}       # share of nuclei drawn twice as large and darker
 
 
 def _tumour_architecture(rng, S, U, gland_formation):
@@ -376,38 +377,39 @@ def _tumour_architecture(rng, S, U, gland_formation):
 
 
 def _mitotic_figure(rng, H, y, x, U):
-    """One condensed, near-black mitotic figure: metaphase plate, anaphase pair or clump."""
+    """One condensed, near-black mitotic figure, about 6 units across: metaphase plate, anaphase pair or clump."""
     kind = rng.integers(3)
     th = rng.uniform(0, np.pi)
     if kind == 0:                    # metaphase: a dense bar with ragged spikes
-        stamp(H, np.array([y]), np.array([x]), np.array([2.3 * U]), np.array([0.75 * U]), np.array([th]),
-              np.array([2.3]))
-        t = rng.uniform(-2, 2, 5) * U
-        sy, sx = y + t * np.sin(th) + rng.choice([-1, 1], 5) * 0.9 * U * np.cos(th), x + t * np.cos(th) - rng.choice([-1, 1], 5) * 0.9 * U * np.sin(th)
-        r = np.full(5, 0.45 * U)
-        stamp(H, sy, sx, r, r, np.zeros(5), np.full(5, 2.0))
+        stamp(H, np.array([y]), np.array([x]), np.array([3.2 * U]), np.array([1.4 * U]), np.array([th]),
+              np.array([2.6]))
+        t = rng.uniform(-2.8, 2.8, 6) * U
+        side = rng.choice([-1, 1], 6) * 1.6 * U
+        r = np.full(6, 0.75 * U)
+        stamp(H, y + t * np.sin(th) + side * np.cos(th), x + t * np.cos(th) - side * np.sin(th), r, r, np.zeros(6),
+              np.full(6, 2.4))
     elif kind == 1:                  # anaphase: two parallel bars
-        d = 1.4 * U
+        d = 2.0 * U
         ys = np.array([y + d * np.cos(th), y - d * np.cos(th)])
         xs = np.array([x - d * np.sin(th), x + d * np.sin(th)])
-        stamp(H, ys, xs, np.full(2, 2.0 * U), np.full(2, 0.6 * U), np.full(2, th), np.full(2, 2.3))
+        stamp(H, ys, xs, np.full(2, 3.0 * U), np.full(2, 1.1 * U), np.full(2, th), np.full(2, 2.6))
     else:                            # prometaphase clump of condensed chromosomes
-        n = int(rng.integers(5, 8))
-        ang, rad = rng.uniform(0, 2 * np.pi, n), rng.uniform(0.3, 1.4, n) * U
-        r = rng.uniform(0.5, 0.7, n) * U
-        stamp(H, y + rad * np.sin(ang), x + rad * np.cos(ang), r, r * 0.7, ang, np.full(n, 2.3))
+        n = int(rng.integers(7, 10))
+        ang, rad = rng.uniform(0, 2 * np.pi, n), rng.uniform(0.5, 2.3, n) * U
+        r = rng.uniform(0.9, 1.1, n) * U
+        stamp(H, y + rad * np.sin(ang), x + rad * np.cos(ang), r, r * 0.75, ang, np.full(n, 2.6))
     return H
 
 
 def _place_mitoses(rng, region, k, U):
-    """k centres inside region, at least 7 units apart, away from the border."""
+    """k centres inside region, at least 12 units apart, away from the border."""
     inner = region.copy()
-    m = int(3 * U) + 1
+    m = int(5 * U) + 1
     inner[:m], inner[-m:], inner[:, :m], inner[:, -m:] = False, False, False, False
     y, x = scatter_in(rng, inner, 40)
     keep = []
     for i in range(len(y)):          # loop over <= 40 candidate points, not pixels
-        if len(keep) < k and all((y[i] - y[j]) ** 2 + (x[i] - x[j]) ** 2 >= (7 * U) ** 2 for j in keep):
+        if len(keep) < k and all((y[i] - y[j]) ** 2 + (x[i] - x[j]) ** 2 >= (12 * U) ** 2 for j in keep):
             keep.append(i)
     return y[keep], x[keep]
 
@@ -437,19 +439,22 @@ def draw_tumour(rng, S, U, attrs):
         blocked |= nec
     cv, irr, elong = _TUM_PLEO[attrs["pleomorphism"]]
     radius = _TUM_RADIUS[attrs["nuclear_size"]] * U
-    spacing = max(_TUM_SPACING[attrs["nuclear_density"]] * U, 1.6 * radius)
+    spacing = max(_TUM_SPACING[attrs["nuclear_density"]] * U, 1.9 * radius)
     cells = epi & ~blocked
     my, mx = _place_mitoses(rng, cells, attrs["mitoses"], U)
     yy, xx = np.mgrid[0:S, 0:S]
     halo = np.zeros((S, S), bool)
     for y, x in zip(my, mx):         # loop over <= 4 figures
-        halo |= (yy - y) ** 2 + (xx - x) ** 2 < (3.0 * U) ** 2
+        halo |= (yy - y) ** 2 + (xx - x) ** 2 < (5.0 * U) ** 2
     ny, nx = grid_in(rng, cells & ~halo, spacing, jitter=0.3)
     amp = 0.75 + 0.2 * (attrs["pleomorphism"] == "marked")
-    nuclei(rng, H, ny, nx, radius, elong=elong, amp=amp, cv=cv, irr=irr, rim=0.35)
+    giant = rng.random(len(ny)) < _TUM_GIANT[attrs["pleomorphism"]]
+    nuclei(rng, H, ny[~giant], nx[~giant], radius, elong=elong, amp=amp, cv=cv, irr=irr, rim=0.35)
+    nuclei(rng, H, ny[giant], nx[giant], 2.0 * radius, elong=elong, amp=1.05, cv=cv, irr=irr + 0.1, rim=0.2)
     sy, sx = grid_in(rng, stroma & ~blocked, 10 * U, jitter=0.4)
-    nuclei(rng, H, sy, sx, 1.1 * U, elong=6.0, amp=0.8)
-    E = np.where(halo, E * 0.35, E)
+    nuclei(rng, H, sy, sx, 0.9 * U, elong=6.0, amp=0.5)
+    E = np.where(halo, E * 0.15, E)             # the mitotic cell's cleared cytoplasm
+    H = np.where(halo, 0.0, H)
     for y, x in zip(my, mx):
         _mitotic_figure(rng, H, y, x, U)
     return H, E

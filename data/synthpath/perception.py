@@ -119,10 +119,10 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=64, help="tile size in pixels (the toy preset's is 64)")
     p.add_argument("--init", default=None, help="a PathoCLIP or VLM checkpoint directory whose ViT to start from")
     p.add_argument("--frozen", action="store_true", help="fit linear heads only, on the frozen tower's features")
-    p.add_argument("--n_train", type=int, default=3000)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--n_train", type=int, default=3000, help="training tiles (600 held-out tiles come from another seed)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps of batch 64 (ignored with --frozen)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 from scratch, 3e-4 from --init")
-    p.add_argument("--eval_every", type=int, default=150)
+    p.add_argument("--eval_every", type=int, default=150, help="held-out accuracy every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = p.parse_args(argv)
     if args.threads:

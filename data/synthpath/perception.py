@@ -69,25 +69,17 @@ def held_out_accuracy(vit, heads, x, y):
         return {a: (heads[a](pooled).argmax(1) == y[a]).float().mean().item() for a in ATTRIBUTES}
 
 
-def linear_probe(vit, x, y, x_test, y_test, l2=1e-3):
+def linear_probe(vit, x, y, x_test, y_test, weight_decay=2e-3):
     """Held-out accuracy {attribute: acc} of a logistic regression per attribute on the frozen pooled features."""
+    from nanopatho.evaluate import fit_logistic_regression
+
     f, f_test = pooled_features(vit, x), pooled_features(vit, x_test)  # (n, C), (m, C)
     mu, sd = f.mean(0), f.std(0) + 1e-6
     f, f_test = (f - mu) / sd, (f_test - mu) / sd
     acc = {}
     for a, classes in ATTRIBUTES.items():
-        head = nn.Linear(f.shape[1], len(classes))
-        nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
-        opt = torch.optim.LBFGS(head.parameters(), max_iter=300)
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(head(f), y[a]) + l2 * head.weight.pow(2).sum()  # mean NLL + L2
-            loss.backward()
-            return loss
-        opt.step(closure)
-        with torch.no_grad():
-            acc[a] = (head(f_test).argmax(1) == y_test[a]).float().mean().item()
+        W, b = fit_logistic_regression(f, y[a], len(classes), weight_decay, max_iter=300)  # (C, K), (K,)
+        acc[a] = ((f_test.double() @ W + b).argmax(1) == y_test[a]).float().mean().item()
     return acc
 
 

@@ -12,7 +12,9 @@ One step, in the order the code runs it:
                  KL): the frozen model's, computed without grad
   6. update    — --ppo_epochs passes over --num_minibatches mini-batches, clipped surrogate loss
                  (GRPO: symmetric clip, k3 KL to the frozen SFT model, seq-mean-token-mean;
-                  DAPO: clip-higher, no KL, token-mean over the global batch)
+                  DAPO: clip-higher, no KL, token-mean over the global batch);
+                 with --ptx_coef gamma, + gamma * the SFT next-token loss on a mini-batch of SFT's own
+                 training conversations (PPO-ptx, Ouyang et al. 2022 eq. 2)
   7. log / eval / save
 Steps 1, 5 (reference) and 6 encode each group's image and prompt once and run each completion on top of
 their keys and values (--share_prefix, nanopatho/shared_prefix.py): the same numbers as giving
@@ -44,11 +46,13 @@ from tqdm import tqdm
 
 from nanopatho import checkpoint, dist, fsdp, rl, stream, training
 from nanopatho.config import RunConfig, field, parse_config, to_dict
-from nanopatho.data import image_tensor, load_records, pad_sequences, preload_images, to_float
+from nanopatho.data import DataError, image_tensor, load_records, pad_sequences, preload_images, to_float
 from nanopatho.evaluate import eval_vlm
 from nanopatho.kernels import fused_policy_loss, token_logprobs
+from nanopatho.next_token import batch_loss_sum, make_batch
 from nanopatho.prompts import format_question
 from nanopatho.rewards import accuracy_reward, format_reward
+from train_sft import Config as SFTConfig, conversation_examples
 
 
 @dataclasses.dataclass
@@ -82,6 +86,11 @@ class Config(RunConfig):
     w_format: float = field(0.1, "reward weight of the format check")
     w_acc: float = field(0.9, "reward weight of the accuracy check")
     entropy_coef: float = field(0.0, "entropy bonus (0 = only logged)")
+    ptx_coef: float = field(0.0, "gamma: weight of the SFT next-token loss on --ptx_file rows added to every "
+                                 "update (PPO-ptx; 0 = off). Keeps what the reward does not check, e.g. the option walk")
+    ptx_file: str = field("sft_train.jsonl", "--ptx_coef's conversations (relative to --data); SFT's held-out "
+                                             "rows (every 20th) are left out, as train_sft.py leaves them out")
+    ptx_batch: int = field(8, "--ptx_coef: conversations per update per rank")
     loss_impl: str = field("auto", "policy-loss implementation: auto (Triton on CUDA) | torch | triton")
     share_prefix: bool = field(True, "encode each group's image and prompt once in rollout, scoring and update "
                                      "(false: every row runs its own copy; same results, for benchmarks and tests)")
@@ -97,9 +106,13 @@ PRESETS = {
     # (open questions of rl_train: 8% right in T 1 rollouts, 73% greedy), and RL then trains away the
     # answers SFT taught (measured on training-split questions; see the README)
     # toy: 120 steps (60 before): GRPO from the seed-0 SFT model, dev rows of rl_train, MCQ 0.7625 (SFT) ->
-    # 0.770 (60 steps) -> 0.7825 (120); at lr 1e-4 0.645 -> 0.720 (see the issue-15 note)
-    "toy": dict(max_steps=120, prompts_per_step=8, group_size=8, lr=5e-5, max_new_tokens=128, overlong_cache=32,
-                temperature=0.7),
+    # 0.770 (60 steps) -> 0.7825 (120); at lr 1e-4 0.645 -> 0.720 (see the issue-15 note).
+    # max_new_tokens 256 (was 128): 22% of SFT's tumour MCQ chains are longer than 128 tokens, so RL scored
+    # them as unanswered and DAPO's overlong window (96-128) fell on their ordinary length. ptx_coef 1: without
+    # it RL wore down the option walk ("...which is adipose tissue. ... C) background: yes"); dev world
+    # (SynthPath seed 11), GRPO seed 0, MCQ: SFT 0.607, 128 tokens 0.609, 256 tokens 0.584, 256 + ptx 0.636
+    "toy": dict(max_steps=120, prompts_per_step=8, group_size=8, lr=5e-5, max_new_tokens=256, overlong_cache=32,
+                temperature=0.7, eval_max_new_tokens=256, ptx_coef=1.0),
     "small": dict(max_steps=500, prompts_per_step=32, group_size=8, lr=2e-6, max_new_tokens=512),
     "base": dict(max_steps=1000, prompts_per_step=64, group_size=8, lr=1e-6, max_new_tokens=1024),
 }
@@ -289,9 +302,30 @@ def reference_logprobs(cfg, ref, batch):
     return score(ref, batch, cfg.temperature, cfg.loss_impl, cfg.group_size if cfg.share_prefix else None)
 
 
-def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device, poison=False):
+def load_ptx(cfg, tokenizer, model):
+    """--ptx_coef's rows: the training conversations of --ptx_file, rendered and split as train_sft.py does."""
+    sft = SFTConfig(data=cfg.data, train_file=cfg.ptx_file, max_seq_len=model.config.lm.max_seq_len,
+                    skip_bad_samples=cfg.skip_bad_samples, allow_outside_root=cfg.allow_outside_root)
+    rows, _, bad = conversation_examples(sft, tokenizer, model.n_image_tokens, model.config.vision.image_size)
+    if not len(rows):
+        raise DataError(f"{sft.train_file}: no training conversations for --ptx_coef")
+    return rows, bad
+
+
+def ptx_loss(cfg, model, rows, pad_id, k, device):
+    """Mean next-token loss of ptx mini-batch k over its reply tokens: -E_{x ~ D_SFT}[log pi(x)], the term
+    Ouyang et al. 2022 (eq. 2) add with weight gamma so that RL keeps what supervised training taught."""
+    idx = training.batch_indices(len(rows), cfg.ptx_batch, k, cfg.seed, dist.rank(), dist.world_size())
+    batch = make_batch(rows, idx, pad_id, training.generator_for(cfg.seed, k, 1, dist.rank()), True, device)
+    loss_sum, n_tokens = batch_loss_sum(model, batch)
+    return loss_sum / n_tokens.clamp(min=1)
+
+
+def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask, device, poison=False, ptx=None,
+           step=0):
     """ppo_epochs x num_minibatches optimizer steps on one rollout batch. Returns mean stats.
-    `poison` makes the loss NaN (testing the non-finite guard)."""
+    `poison` makes the loss NaN (testing the non-finite guard). `ptx(k)`: the SFT loss of ptx mini-batch k,
+    added as cfg.ptx_coef * ptx(k) to optimizer step k (counted over the whole run from `step`)."""
     n_rows = batch["ids"].shape[0]
     stats_sum, n_updates = {}, 0
     for epoch in range(cfg.ppo_epochs):
@@ -314,6 +348,10 @@ def update(cfg, ddp_model, optimizer, batch, logp_old, logp_ref, adv, loss_mask,
             # the normalisers above are global (all ranks); DDP averages gradients over ranks, so scale
             # each rank's share by the world size to get the gradient of the one global loss
             (loss * dist.world_size()).backward()
+            if ptx is not None:  # its own backward: a per-rank mean, which DDP's gradient averaging makes global
+                sft_loss = ptx(step * cfg.ppo_epochs * cfg.num_minibatches + n_updates)
+                (cfg.ptx_coef * sft_loss).backward()
+                stats["ptx_loss"] = sft_loss.detach()
             grad_norm, stepped = training.optimizer_step(ddp_model, optimizer, cfg.grad_clip, cfg.on_nonfinite)
             stats = {k: float(v) for k, v in stats.items()}
             stats.update(loss=loss.item(), entropy=float(entropy), grad_norm=grad_norm, skipped=0.0 if stepped else 1.0)
@@ -380,16 +418,19 @@ def main(argv=None):
     model, _, tokenizer = checkpoint.load(cfg.init, expect="vlm")
     ref = checkpoint.load(cfg.init, expect="vlm")[0] if cfg.beta > 0 else None
     questions, bad = load_questions(cfg, model.config.vision.image_size)
+    ptx_rows, ptx_bad = load_ptx(cfg, tokenizer, model) if cfg.ptx_coef else (None, 0)
     model.to(device)
     if ref is not None:
         ref.to(device).eval().requires_grad_(False)
     ddp_model = training.wrap(model, device, cfg.fsdp)
+    ptx = None if ptx_rows is None else lambda k: ptx_loss(cfg, ddp_model, ptx_rows, tokenizer.pad_id, k, device)
     optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start, skipped_steps, resumed = training.resume(cfg, model, optimizer, "rl", data=questions if cfg.stream else None)
     n_questions = f"{len(questions.source)} streamed" if cfg.stream else len(questions[0])
     training.print0(f"[rl] {cfg.algo}: {n_questions} questions, skipped bad samples {bad}; eps=({cfg.eps_low}, "
                     f"{cfg.eps_high}) beta={cfg.beta} agg={cfg.agg} dynamic_sampling={cfg.dynamic_sampling} "
-                    f"overlong_shaping={cfg.overlong_shaping} loss_impl={cfg.loss_impl}")
+                    f"overlong_shaping={cfg.overlong_shaping} loss_impl={cfg.loss_impl} ptx_coef={cfg.ptx_coef}"
+                    + (f" ({len(ptx_rows)} conversations, skipped {ptx_bad})" if ptx_rows is not None else ""))
     log = training.MetricsLog(cfg.out_dir, resume_step=start if resumed else None)
     t0, row = time.time(), {}
     bar = tqdm(range(start, cfg.max_steps), desc=f"rl-{cfg.algo}", disable=not dist.is_main(), dynamic_ncols=True)
@@ -414,7 +455,7 @@ def main(argv=None):
             logp_ref = reference_logprobs(cfg, ref, batch)  # (B, N) or None
             row["score_seconds"] = time.time() - t_score  # the reference's log-probs
             row.update(update(cfg, ddp_model, optimizer, batch, batch["logp_old"], logp_ref, adv, loss_mask, device,
-                              poison=step == cfg.debug_nan_step))
+                              poison=step == cfg.debug_nan_step, ptx=ptx, step=step))
             row["reward_std"] = batch["reward"].std().item() if batch["reward"].numel() > 1 else 0.0
             skipped_steps += int(row.get("skipped", 0) > 0)
         row.update(gen_seconds=t_gen, update_seconds=time.time() - t_upd - row.get("score_seconds", 0.0),

@@ -2,7 +2,7 @@
 
 Two layers. Pure metric functions (no model, torch/numpy only, the tested reference):
     build_zeroshot_classifier, zeroshot_metrics, retrieval_metrics, linear_probe,
-    mcq_metrics, closed_vqa_metrics, open_vqa_metrics
+    mcq_metrics (+ walk_metrics: reading vs concluding), closed_vqa_metrics, open_vqa_metrics
 and model-level functions that train scripts and speedrun call in-process:
     eval_clip(model, tokenizer, data_dir, tasks)  -> {"zeroshot": {...}, "retrieval": {...}, "linear_probe": {...}}
     eval_vlm(model, tokenizer, data_dir, tasks)   -> {"mcq": {...}, "vqa_closed": {...}, "vqa_open": {...}}
@@ -22,6 +22,7 @@ Files read from --data (SynthPath names; real data in the same form works):
 import argparse
 import json
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -225,7 +226,7 @@ def _common(responses, answers, preds, lengths):
             "mean_response_length": mean_len, "length_unit": unit}
 
 
-def mcq_metrics(responses, answers, num_options=None, lengths=None, types=None):
+def mcq_metrics(responses, answers, num_options=None, lengths=None, types=None, options=None):
     """MCQ accuracy with the letter read from <answer>...</answer> (rewards.parse_choice).
 
     A response without a closed answer block, or whose answer names no single letter, is wrong and
@@ -233,6 +234,8 @@ def mcq_metrics(responses, answers, num_options=None, lengths=None, types=None):
     Chance = mean over items of 1/num_options (omitted when num_options is None).
     types (one label per item, e.g. SynthPath's "tissue" / "mitoses") adds "by_type":
     {type: {"accuracy", "n", "chance"}}, so a total can be read as what it is made of.
+    options (each item's "A) text" list) adds "walk": walk_metrics of the replies, and by_type's
+    "states_gold" (see walk_metrics).
     """
     assert len(responses) == len(answers), "one response per answer"
     preds = [None if a is None else parse_choice(a) for a in map(extract_answer, responses)]
@@ -241,6 +244,10 @@ def mcq_metrics(responses, answers, num_options=None, lengths=None, types=None):
            "chance": {}}
     if num_options is not None:
         out["chance"]["accuracy"] = float(np.mean([1.0 / n for n in num_options]))
+    walks = None
+    if options is not None:
+        walks = [read_walk(r, o, g) for r, o, g in zip(responses, options, answers)]
+        out["walk"] = walk_metrics(walks, preds)
     if types is not None:
         assert len(types) == len(answers), "one type per answer"
         out["by_type"] = {}
@@ -248,7 +255,46 @@ def mcq_metrics(responses, answers, num_options=None, lengths=None, types=None):
             idx = [i for i, x in enumerate(types) if x == t]
             out["by_type"][t] = {"accuracy": float(np.mean([correct[i] for i in idx])), "n": len(idx),
                                  "chance": None if num_options is None else float(np.mean([1.0 / num_options[i] for i in idx]))}
+            if walks is not None:
+                out["by_type"][t]["states_gold"] = walk_metrics([walks[i] for i in idx], [preds[i] for i in idx])["states_gold"]
     return out
+
+
+# -----------------------------------------------------------------------------
+# the option walk: did a wrong MCQ reply misread its options, or conclude the wrong thing?
+
+WALK_LINE = re.compile(r"^([A-Z])\) (.*): (yes|no)\.$", re.MULTILINE)  # "B) moderate pleomorphism: yes."
+
+
+def read_walk(response, options, answer):
+    """One reply's option walk, the form SynthPath's chains end with ("Checking the options:" then one
+    "X) option text: yes." / "...: no." line per option, up to the first yes) -> dict:
+    lines: [(letter, text as written, its true text or None)], stated: the text of the first "yes" line or
+    None, gold: the gold option's text. options are "A) text" strings; answer "B" or "B) text"."""
+    truth = {o[0]: o[3:] for o in options}
+    lines = [(letter, text, truth.get(letter), verdict) for letter, text, verdict in WALK_LINE.findall(response)]
+    stated = next((text for _, text, _, verdict in lines if verdict == "yes"), None)
+    return {"lines": [(letter, text, true) for letter, text, true, _ in lines], "stated": stated,
+            "gold": truth.get(parse_choice(str(answer)) or ""), "truth": truth}
+
+
+def walk_metrics(walks, preds):
+    """Separate reading from concluding in MCQ replies (walks from read_walk, preds the answer letters):
+    walked:       share of replies with an option walk;
+    copied:       share of walk lines whose option text is copied exactly (reading: copy);
+    states_gold:  share of replies whose first "yes" names the gold option's text (what the reply concluded,
+                  right or wrong: the perception and reasoning part);
+    letter_follows: of the replies whose "yes" names one of the options' texts, the share whose answer letter
+                  is that option's (reading: look the text up, give its letter).
+    A reply that states the gold text but answers another letter lost the point to reading, not to sight."""
+    lines = [text == true for w in walks for _, text, true in w["lines"]]
+    named = [(w, p) for w, p in zip(walks, preds) if w["stated"] in w["truth"].values()]
+    follows = [p is not None and w["truth"].get(p) == w["stated"] for w, p in named]
+    n = len(walks)
+    return {"walked": sum(bool(w["lines"]) for w in walks) / n if n else 0.0,
+            "copied": float(np.mean(lines)) if lines else None,
+            "states_gold": sum(w["stated"] is not None and w["stated"] == w["gold"] for w in walks) / n if n else 0.0,
+            "letter_follows": float(np.mean(follows)) if follows else None}
 
 
 def closed_answer_correct(pred, gold):
@@ -464,7 +510,7 @@ def eval_vlm(model, tokenizer, data_dir, tasks=VLM_TASKS, *, batch_size=16, devi
         texts, lengths = generate_answers(model, tokenizer, items, images_u8, **gen)
         types = [it["type"] for it in items] if all("type" in it for it in items) else None
         results["mcq"] = mcq_metrics(texts, [it["answer"] for it in items], [len(it["options"]) for it in items],
-                                     lengths, types)
+                                     lengths, types, [it["options"] for it in items])
         if return_responses:
             results["mcq"]["responses"] = texts
     if "vqa" in tasks:
@@ -496,6 +542,9 @@ def format_table(results):
             chance_s = f"{chance:>10.4f}" if chance is not None else f"{'':>10}"
             value_s = f"{value:>10d}" if isinstance(value, int) else f"{value:>10.4f}"
             lines.append(f"{task:<14}{key:<26}{value_s}{chance_s}")
+        for key, value in res.get("walk", {}).items():  # reading vs concluding (walk_metrics)
+            if value is not None:
+                lines.append(f"{task:<14}{'walk ' + key:<26}{value:>10.4f}{'':>10}")
         for t, r in res.get("by_type", {}).items():  # accuracy per question type, then its item count
             chance_s = f"{r['chance']:>10.4f}" if r["chance"] is not None else f"{'':>10}"
             lines.append(f"{task:<14}{'accuracy ' + t + ' (' + str(r['n']) + ')':<26}{r['accuracy']:>10.4f}{chance_s}")

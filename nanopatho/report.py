@@ -96,6 +96,7 @@ def collect(out, seeds):
                                              if evals[s][st] and chance_of(evals[s][st], path) is not None), None)
     report["per_seed_mcq"] = {st: [dig(evals[s][st], ("mcq", "accuracy")) for s in seeds] for st, _ in VLM_STAGES}
     report["mcq_by_type"] = mcq_by_type(evals, seeds)
+    report["mcq_walk"] = mcq_walk(evals, seeds)
     report["sft_token_roles"] = token_roles(out, seeds)
     report["reading_probe"] = reading_probe(out, seeds)
     report["base_lm_seconds"] = stage_seconds(out, None).get("base_lm")
@@ -135,6 +136,32 @@ def by_type_markdown(by_type):
     for stage, label in VLM_STAGES:
         lines.append(f"| {label} | " + " | ".join(fmt(by_type["stages"][stage][t]) for t in types) + " |")
     lines.append("| chance | " + " | ".join(fmt_chance(by_type["chance"][t]) for t in types) + " |")
+    return "\n".join(lines)
+
+
+WALK_COLUMNS = [("copied", "option lines copied exactly"), ("states_gold", "the option accepted is the gold one"),
+                ("letter_follows", "answer letter = the accepted option's")]
+
+
+def mcq_walk(evals, seeds):
+    """{stage: {metric: summary}} from eval.json's mcq.walk (evaluate.walk_metrics): reading (copied,
+    letter_follows) apart from concluding (states_gold), for every stage whose replies walk the options."""
+    out = {}
+    for stage, _ in VLM_STAGES:
+        runs = [dig(evals[s][stage], ("mcq", "walk")) for s in seeds]
+        if any(r and r.get("walked") for r in runs):
+            out[stage] = {key: summarise([(r or {}).get(key) for r in runs]) for key, _ in WALK_COLUMNS}
+    return out
+
+
+def walk_markdown(walk):
+    """The option-walk table: per stage, how the MCQ replies read their options and what they accepted."""
+    if not walk:
+        return ""
+    lines = ["| MCQ replies | " + " | ".join(label for _, label in WALK_COLUMNS) + " |", "|---|" + "---|" * len(WALK_COLUMNS)]
+    for stage, label in VLM_STAGES:
+        if stage in walk:
+            lines.append(f"| {label} | " + " | ".join(fmt(walk[stage][key]) for key, _ in WALK_COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -354,6 +381,11 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     by_type = by_type_markdown(report.get("mcq_by_type"))
     if by_type:
         parts += ["\nThe MCQ accuracy split by what the question asks (the same answers as the MCQ column):\n", by_type]
+    walk = walk_markdown(report.get("mcq_walk"))
+    if walk:
+        parts += ["\nHow the MCQ replies reach their letter (`nanopatho.evaluate.walk_metrics`): a reply that accepts the "
+                  "gold option's text but gives another letter lost the point to reading; one that accepts another "
+                  "option lost it to what it concluded (or to a wrong yes/no check in the walk):\n", walk]
     roles = roles_markdown(report.get("sft_token_roles"))
     if roles:
         parts += ["\nWhere the SFT model's loss sits, on SFT held-out conversations (`python -m nanopatho.diagnose`):\n",
@@ -410,7 +442,8 @@ def main(argv=None):
                    "machine": info, "seeds": seeds, "preset": args.preset, "meta": meta}, f, indent=2)
     if args.readme:
         vlm_table, clip_table = tables_markdown(report, meta)
-        tables = [t for t in (vlm_table, by_type_markdown(report["mcq_by_type"]), clip_table,
+        tables = [t for t in (vlm_table, by_type_markdown(report["mcq_by_type"]),
+                              walk_markdown(report["mcq_walk"]), clip_table,
                               roles_markdown(report["sft_token_roles"]),
                               probe_markdown(report["reading_probe"], report["base_lm_seconds"])) if t]
         rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, commit {info['commit']}, "

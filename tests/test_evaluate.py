@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nanopatho.evaluate import (build_zeroshot_classifier, closed_answer_correct, closed_vqa_metrics, format_table,
-                                gt_ranks, linear_probe, mcq_metrics, open_vqa_metrics, retrieval_metrics,
-                                strip_end_markers, token_f1_recall, zeroshot_metrics)
+                                gt_ranks, linear_probe, mcq_metrics, open_vqa_metrics, read_walk, retrieval_metrics,
+                                strip_end_markers, token_f1_recall, walk_metrics, zeroshot_metrics)
 
 # -----------------------------------------------------------------------------
 # retrieval
@@ -189,6 +189,59 @@ def test_mcq_accuracy_by_type():
     assert m["accuracy"] == pytest.approx(sum(r["accuracy"] * r["n"] for r in m["by_type"].values()) / 5)
     assert "by_type" not in mcq_metrics(responses, ["B"] * 5)
     assert "accuracy tissue (3)" in format_table({"mcq": m})
+
+
+OPTS = ["A) adipose tissue", "B) background", "C) mucus", "D) debris"]
+
+
+def walk_reply(lines, letter):
+    return ("<think>The tile shows large empty fat cells, which is adipose tissue. Checking the options:\n"
+            + "\n".join(lines) + f"\nSo the answer is {letter}.</think><answer>{letter}</answer>")
+
+
+def test_option_walk_by_hand():
+    """Four replies to one question (gold A, adipose tissue), each wrong or right for a different reason."""
+    replies = [walk_reply(["A) adipose tissue: yes."], "A"),                                  # read and concluded right
+               walk_reply(["A) adipose tissue: no.", "B) background: yes."], "B"),            # concluded the wrong option
+               walk_reply(["A) adipose tissue: yes."], "C"),                                  # right text, wrong letter
+               walk_reply(["A) mucus: no.", "B) adipose tissue: yes."], "B")]                 # miscopied two lines
+    walks = [read_walk(r, OPTS, "A") for r in replies]
+    assert walks[1]["lines"] == [("A", "adipose tissue", "adipose tissue"), ("B", "background", "background")]
+    assert [w["stated"] for w in walks] == ["adipose tissue", "background", "adipose tissue", "adipose tissue"]
+    m = walk_metrics(walks, ["A", "B", "C", "B"])
+    assert m["walked"] == 1.0
+    assert m["copied"] == pytest.approx(4 / 6)          # 6 walk lines, the last reply's two are miscopied
+    assert m["states_gold"] == pytest.approx(3 / 4)     # replies 1, 3, 4 accept the text "adipose tissue"
+    assert m["letter_follows"] == pytest.approx(2 / 4)  # replies 1, 2 give the letter of the text they accepted
+    # no walk at all: nothing walked, nothing stated, no lines to copy
+    bare = walk_metrics([read_walk("<answer>A</answer>", OPTS, "A)")], ["A"])
+    assert bare == {"walked": 0.0, "copied": None, "states_gold": 0.0, "letter_follows": None}
+
+
+def test_mcq_metrics_walk_is_consistent_with_accuracy():
+    """Property on random walks: a reply that states the gold text and whose letter follows it is right, so
+    accuracy >= P(states gold and follows); by_type's states_gold averages to the total's."""
+    rng = np.random.default_rng(0)
+    texts = ["adipose tissue", "background", "mucus", "debris"]
+    replies, answers, types = [], [], []
+    for i in range(200):
+        gold = "ABCD"[rng.integers(4)]
+        n_lines = rng.integers(0, 5)
+        lines = []
+        for j in range(n_lines):
+            letter = "ABCD"[j]
+            text = texts[j] if rng.random() < 0.8 else texts[rng.integers(4)]
+            lines.append(f"{letter}) {text}: {'yes' if j == n_lines - 1 else 'no'}.")
+        replies.append(walk_reply(lines, "ABCD"[rng.integers(4)]))
+        answers.append(gold)
+        types.append("x" if i % 2 else "y")
+    m = mcq_metrics(replies, answers, [4] * 200, types=types, options=[OPTS] * 200)
+    walks = [read_walk(r, OPTS, a) for r, a in zip(replies, answers)]
+    both = np.mean([w["stated"] == w["gold"] and r.endswith(f"<answer>{a}</answer>")
+                    for w, r, a in zip(walks, replies, answers)])
+    assert 0 < both <= m["accuracy"]
+    assert m["walk"]["states_gold"] == pytest.approx(np.mean([v["states_gold"] for v in m["by_type"].values()]))
+    assert "walk copied" in format_table({"mcq": m})
 
 
 def test_strip_end_markers_and_table():

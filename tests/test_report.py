@@ -143,3 +143,25 @@ def test_mcq_by_type_table_and_headroom(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| MCQ accuracy by question type | mitoses (n=4) | tissue (n=4) |" in md
     assert "| stage 3 GRPO | 0.500 | 0.750 |" in md and "| chance | 0.250 | 0.250 |" in md
+
+
+def test_mcq_walk_table(tmp_path, monkeypatch):
+    """eval.json's mcq.walk averaged over seeds per stage; a stage whose replies never walk gets no row."""
+    out = str(tmp_path / "out")
+    walks = {0: {"walked": 1.0, "copied": 0.9, "states_gold": 0.6, "letter_follows": 0.8},
+             1: {"walked": 1.0, "copied": 0.7, "states_gold": 0.4, "letter_follows": 1.0}}
+    for seed, walk in walks.items():
+        write(os.path.join(out, f"seed{seed}", "sft", "eval.json"),
+              {"results": {"mcq": {"accuracy": 0.5, "chance": {"accuracy": 0.25}, "walk": walk}}})
+        write(os.path.join(out, f"seed{seed}", "pretrain", "eval.json"),
+              {"results": {"mcq": {"accuracy": 0.25, "chance": {"accuracy": 0.25},
+                                   "walk": {"walked": 0.0, "copied": None, "states_gold": 0.0, "letter_follows": None}}}})
+    monkeypatch.setattr(report, "plot_curves", lambda *a: "(no curves in this test)")
+    report.main(["--out", out, "--data", str(tmp_path / "no_data"), "--seeds", "0,1"])
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())["report"]["mcq_walk"]
+    assert set(saved) == {"sft"}
+    assert saved["sft"]["copied"]["mean"] == pytest.approx(0.8) and saved["sft"]["copied"]["spread"] == pytest.approx(0.1)
+    assert saved["sft"]["letter_follows"]["mean"] == pytest.approx(0.9)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| stage 2 SFT | 0.800 ± 0.100 | 0.500 ± 0.100 | 0.900 ± 0.100 |" in md
+    assert "| stage 1 pretrain |" not in md.split("How the MCQ replies reach their letter")[1].split("\n\n")[1]

@@ -163,5 +163,5 @@ def test_mcq_walk_table(tmp_path, monkeypatch):
     assert saved["sft"]["copied"]["mean"] == pytest.approx(0.8) and saved["sft"]["copied"]["spread"] == pytest.approx(0.1)
     assert saved["sft"]["letter_follows"]["mean"] == pytest.approx(0.9)
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| stage 2 SFT | 0.800 ± 0.100 | 0.500 ± 0.100 | 0.900 ± 0.100 |" in md
+    assert "| stage 2 SFT | 1.000 ± 0.000 | 0.800 ± 0.100 | 0.500 ± 0.100 | 0.900 ± 0.100 |" in md
     assert "| stage 1 pretrain |" not in md.split("How the MCQ replies reach their letter")[1].split("\n\n")[1]

@@ -105,14 +105,16 @@ PRESETS = {
     # toy samples at T 0.7: at T 1 the 3M-parameter policy's rollouts are far from its greedy answers
     # (open questions of rl_train: 8% right in T 1 rollouts, 73% greedy), and RL then trains away the
     # answers SFT taught (measured on training-split questions; see the README)
-    # toy: 120 steps (60 before): GRPO from the seed-0 SFT model, dev rows of rl_train, MCQ 0.7625 (SFT) ->
+    # toy, earlier: 120 steps (60 before): GRPO from the seed-0 SFT model, dev rows of rl_train, MCQ 0.7625 (SFT) ->
     # 0.770 (60 steps) -> 0.7825 (120); at lr 1e-4 0.645 -> 0.720 (see the issue-15 note).
     # max_new_tokens 256 (was 128): 22% of SFT's tumour MCQ chains are longer than 128 tokens, so RL scored
     # them as unanswered and DAPO's overlong window (96-128) fell on their ordinary length. ptx_coef 1: without
     # it RL wore down the option walk ("...which is adipose tissue. ... C) background: yes"); dev world
-    # (SynthPath seed 11), GRPO seed 0, MCQ: SFT 0.607, 128 tokens 0.609, 256 tokens 0.584, 256 + ptx 0.636
-    "toy": dict(max_steps=120, prompts_per_step=8, group_size=8, lr=5e-5, max_new_tokens=256, overlong_cache=32,
-                temperature=0.7, eval_max_new_tokens=256, ptx_coef=1.0),
+    # (SynthPath seed 11), GRPO seed 0, MCQ: SFT 0.607, 128 tokens 0.609, 256 tokens 0.584, 256 + ptx 0.636.
+    # 90 steps and 4 ptx rows per update (was 120 and 8) to fit the speedrun's time budget: dev MCQ seed 0,
+    # GRPO 0.618 -> 0.622 in 414 -> 268 s, DAPO 0.642 -> 0.631 in 481 -> 348 s (SFT 0.607)
+    "toy": dict(max_steps=90, prompts_per_step=8, group_size=8, lr=5e-5, max_new_tokens=256, overlong_cache=32,
+                temperature=0.7, eval_max_new_tokens=256, ptx_coef=1.0, ptx_batch=4),
     "small": dict(max_steps=500, prompts_per_step=32, group_size=8, lr=2e-6, max_new_tokens=512),
     "base": dict(max_steps=1000, prompts_per_step=64, group_size=8, lr=1e-6, max_new_tokens=1024),
 }

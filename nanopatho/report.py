@@ -139,7 +139,8 @@ def by_type_markdown(by_type):
     return "\n".join(lines)
 
 
-WALK_COLUMNS = [("walked", "replies that walk the options"), ("copied", "option lines copied exactly"), ("states_gold", "the option accepted is the gold one"),
+WALK_COLUMNS = [("walked", "replies that walk the options"), ("copied", "option lines copied exactly"),
+                ("states_gold", "the option accepted is the gold one"),
                 ("letter_follows", "answer letter = the accepted option's")]
 
 

@@ -10,6 +10,7 @@ loss sees the global batch's negatives (nanopatho/clip.py:clip_loss).
     python train_clip.py --preset toy                       # ~minutes on 2 CPU cores
     torchrun --nproc_per_node=8 train_clip.py --preset small
     torchrun --nproc_per_node=8 train_clip.py --preset base --train_file shards/ --stream --num_workers 6
+    python train_clip.py --preset toy --vision_init out/base_vision  # the image tower from a pretrained ViT
     python train_clip.py --help
 
 --stream reads the pairs sample by sample (nanopatho/stream.py): each pair is one training row
@@ -30,7 +31,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from nanopatho import dist, fsdp, stream, training
+from nanopatho import dist, fsdp, hf_import, stream, training
 from nanopatho.clip import PathoCLIP, clip_loss
 from nanopatho.config import RunConfig, field, parse_config, to_dict
 from nanopatho.data import augment, image_tensor, load_pairs, pad_sequences, preload_images, to_float
@@ -58,6 +59,8 @@ class Config(RunConfig):
     csv_caption_key: str = field("title", "CSV column holding the caption")
     first_sentences: bool = field(True, "also train on each caption's first sentence alone (zero-shot prompts are short)")
     csv_sep: str = field(",", "CSV separator")
+    vision_init: str = field("", "image tower to start from: a ViT checkpoint (data/synthpath/perception.py "
+                                 "--out_dir), a PathoCLIP, or a HF CLIP / SigLIP / OpenCLIP directory ('' = random)")
 
 
 PRESETS = {
@@ -154,13 +157,26 @@ def training_data(cfg, tokenizer, model):
     return preloaded(cfg, images, captions, tokenizer.pad_id), bad
 
 
+def build_model(cfg, tokenizer):
+    """The preset's PathoCLIP; with --vision_init the image tower is that checkpoint's ViT (its shapes, its
+    weights) and only the projection, the text tower and the temperature start from scratch."""
+    config = clip_config(cfg.preset, tokenizer.vocab_size)
+    if not cfg.vision_init:
+        return PathoCLIP(config)
+    vit = hf_import.load_vision(cfg.vision_init)
+    model = PathoCLIP(dataclasses.replace(config, vision=vit.config))
+    model.visual.vit.load_state_dict(vit.state_dict())
+    training.print0(f"[clip] image tower from {cfg.vision_init}")
+    return model
+
+
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = training.setup(cfg.seed, cfg.device)
     tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
-    model = PathoCLIP(clip_config(cfg.preset, tokenizer.vocab_size))
+    model = build_model(cfg, tokenizer)
     data, bad = training_data(cfg, tokenizer, model)
     model.to(device)
     ddp_model = training.wrap(model, device, cfg.fsdp)

@@ -38,6 +38,7 @@ MODEL_CLASSES = {  # model_type -> (module, model class, config class)
     "vlm": ("nanopatho.vlm", "VLM", "VLMConfig"),
     "clip": ("nanopatho.clip", "PathoCLIP", "CLIPConfig"),
     "lm": ("nanopatho.lm", "LM", "LMConfig"),
+    "vit": ("nanopatho.vit", "ViT", "ViTConfig"),  # a vision tower alone (data/synthpath/perception.py --out_dir)
 }
 
 
@@ -181,6 +182,8 @@ def load(directory, device="cpu", expect=None):
     model = build_model(config)
     load_state(model, os.path.join(directory, "model.safetensors"))
     tok_path = os.path.join(directory, "tokenizer.json")
+    if config["model_type"] == "vit" and not os.path.exists(tok_path):  # a vision tower reads no text
+        return model.to(device), config, None
     if not os.path.exists(tok_path):
         raise CheckpointError(f"{tok_path}: missing")
     tokenizer = Tokenizer.from_file(tok_path)

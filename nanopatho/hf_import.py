@@ -573,10 +573,14 @@ def load_lm(directory):
 
 
 def load_vision(directory):
-    """--vision_init: a ViT from a PathoCLIP checkpoint or a released CLIP / SigLIP / OpenCLIP directory."""
+    """--vision_init: a ViT from a PathoCLIP or ViT checkpoint, or a released CLIP / SigLIP / OpenCLIP directory."""
     found = released_kind(directory)
     if found is None:
-        return checkpoint.load(directory, expect="clip")[0].visual.vit
+        model, config, _ = checkpoint.load(directory)
+        if config["model_type"] not in ("clip", "vit"):
+            raise CheckpointError(f"{directory}: holds a {config['model_type']!r} model, but a 'clip' or 'vit' model "
+                                  "is needed here")
+        return model.visual.vit if config["model_type"] == "clip" else model
     kind, source = found
     if kind == "lm":
         raise CheckpointError(f"{directory}: holds a released {source} language model, not a vision tower")

@@ -11,18 +11,26 @@ supervised ViT cannot learn here is beyond what captions, chains or rewards can 
     python -m data.synthpath.perception --init out/seed0/clip     # start from a PathoCLIP checkpoint's ViT
     python -m data.synthpath.perception --size 96 --steps 900     # would a larger tile help?
     python -m data.synthpath.perception --init out/seed0/sft --frozen   # is it already in a trained tower's features?
+    python -m data.synthpath.perception --n_train 4000 --steps 1500 --out_dir out/base_vision   # the speedrun's stage 0v
 
 --frozen fits only the linear heads (L-BFGS logistic regression on the standardised pooled features) and
 leaves the tower as the checkpoint has it (a PathoCLIP or a VLM directory): it asks whether an earlier stage
 already put the attribute into the features, which is what stage 1, SFT and RL build on.
 
-Tiles: --n_train from seed 100 and 600 held-out ones from seed 200 (disjoint draws), each the
+--out_dir keeps the supervised tower as a ViT checkpoint (+ eval.json with its held-out curve): the toy's stand-in
+for the pretrained vision tower every real VLM starts from (train_clip.py --vision_init DIR). The speedrun trains it
+once and every seed's PathoCLIP starts from it, as stage 0's base LM is shared (session notes of issue 15: contrastive
+training on 1,120 tumour images does not teach a random tower the count or pleomorphism, direct labels do).
+
+Tiles: --n_train from seed 100 and --n_test (600) held-out ones from seed 200 (disjoint draws), each the
 generator's tumour class with attributes from world.sample_attributes. AdamW, batch 64; the
 held-out accuracy of each head is printed every --eval_every steps.
 """
 
 import argparse
 import dataclasses
+import json
+import os
 import time
 
 import numpy as np
@@ -111,19 +119,21 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=64, help="tile size in pixels (the toy preset's is 64)")
     p.add_argument("--init", default=None, help="a PathoCLIP or VLM checkpoint directory whose ViT to start from")
     p.add_argument("--frozen", action="store_true", help="fit linear heads only, on the frozen tower's features")
-    p.add_argument("--n_train", type=int, default=3000, help="training tiles (600 held-out tiles come from another seed)")
+    p.add_argument("--n_train", type=int, default=3000, help="training tiles")
+    p.add_argument("--n_test", type=int, default=600, help="held-out tiles (from another seed)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps of batch 64 (ignored with --frozen)")
     p.add_argument("--lr", type=float, default=None, help="default 1e-3 from scratch, 3e-4 from --init")
     p.add_argument("--eval_every", type=int, default=150, help="held-out accuracy every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--out_dir", default=None, help="save the trained tower there as a ViT checkpoint, with eval.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.time()
     x, y = tumour_tiles(100, args.n_train, args.size)
-    x_test, y_test = tumour_tiles(200, 600, args.size)
-    print(f"{args.n_train} + 600 tumour tiles at {args.size} px in {time.time() - t0:.0f}s; held-out majority class: "
+    x_test, y_test = tumour_tiles(200, args.n_test, args.size)
+    print(f"{args.n_train} + {args.n_test} tumour tiles at {args.size} px in {time.time() - t0:.0f}s; held-out majority class: "
           + "  ".join(f"{a} {v:.3f}" for a, v in majority(y_test).items()))
     if args.init:
         from nanopatho.checkpoint import load
@@ -135,9 +145,24 @@ def main(argv=None):
         acc = linear_probe(vit, x, y, x_test, y_test)
         print("frozen features, held-out accuracy: " + "  ".join(f"{a} {v:.3f}" for a, v in acc.items()))
     else:
-        train(vit, x, y, x_test, y_test, steps=args.steps, lr=args.lr or (3e-4 if args.init else 1e-3),
-              eval_every=args.eval_every)
+        curve = train(vit, x, y, x_test, y_test, steps=args.steps, lr=args.lr or (3e-4 if args.init else 1e-3),
+                      eval_every=args.eval_every)
+        if args.out_dir:
+            save(args.out_dir, vit, vars(args), curve, majority(y_test))
+            print(f"[base_vision] done in {time.time() - t0:.0f}s: held-out " +
+                  "  ".join(f"{a} {v:.3f}" for a, v in curve[-1][1].items()) + f" -> {args.out_dir}")
+            return
     print(f"done in {time.time() - t0:.0f}s")
+
+
+def save(out_dir, vit, run_config, curve, majority_acc):
+    """out_dir/{config.json, model.safetensors} (a 'vit' checkpoint) and eval.json: the held-out accuracy curve."""
+    from nanopatho.checkpoint import save_model
+
+    save_model(out_dir, vit, None, run_config)
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump({"model_type": "vit", "held_out_tiles": run_config["n_test"], "majority": majority_acc,
+                   "curve": [{"step": s, **acc} for s, acc in curve]}, f, indent=2)
 
 
 if __name__ == "__main__":

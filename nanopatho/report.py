@@ -4,7 +4,8 @@
     python -m nanopatho.report --out out --readme README.md     # also rewrite README's results section
 
 Reads out/seed<k>/<stage>/eval.json, out/seed<k>/{pretrain,sft}/diagnose.json, out/base_lm/diagnose.json
-(stage 0's reading probe), out/times.jsonl (the shared base LM's time), out/seed<k>/times.jsonl,
+(stage 0's reading probe), out/base_vision/eval.json and out/seed<k>/{clip,sft}/perception.json (what the vision
+towers see), out/times.jsonl (the shared stage-0 times), out/seed<k>/times.jsonl,
 <data>/meta.json (chance levels and the trivial baseline) and the metrics.jsonl curves; writes out/report.json, out/report.md
 and, when matplotlib is installed, out/curves.png. Nothing in the tables is typed by hand.
 """
@@ -100,6 +101,8 @@ def collect(out, seeds):
     report["sft_token_roles"] = token_roles(out, seeds)
     report["reading_probe"] = reading_probe(out, seeds)
     report["base_lm_seconds"] = stage_seconds(out, None).get("base_lm")
+    report["tower_perception"] = tower_perception(out, seeds)
+    report["base_vision_seconds"] = stage_seconds(out, None).get("base_vision")
     return report
 
 
@@ -163,6 +166,41 @@ def walk_markdown(walk):
     for stage, label in VLM_STAGES:
         if stage in walk:
             lines.append(f"| {label} | " + " | ".join(fmt(walk[stage][key]) for key, _ in WALK_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+TOWER_ATTRIBUTES = [("mitoses", "mitotic count"), ("pleomorphism", "pleomorphism"),
+                    ("gland_formation", "gland formation"), ("grade", "grade")]
+TOWER_ROWS = [("base_vision", "stage 0v tower, its supervised heads"), ("clip", "PathoCLIP, frozen linear probe"),
+              ("sft", "SFT VLM's tower, frozen linear probe")]
+
+
+def tower_perception(out, seeds):
+    """{row: {attribute: summary}} plus "majority": what the vision towers' features hold about the tumour
+    attributes on held-out tiles. Stage 0v (out/base_vision/eval.json, trained once) scores its own heads at
+    the last step; the others are data/synthpath/perception.py --frozen probes (out/seed<k>/<stage>/perception.json)."""
+    base = read_json(os.path.join(out, "base_vision", "eval.json"))
+    runs = {"base_vision": [base["curve"][-1]] if base else []}
+    for stage in ("clip", "sft"):
+        runs[stage] = [dig(read_json(os.path.join(out, f"seed{s}", stage, "perception.json")), ("frozen",)) for s in seeds]
+    result = {row: {a: summarise([dig(r, (a,)) for r in runs[row]]) for a, _ in TOWER_ATTRIBUTES} for row, _ in TOWER_ROWS}
+    frozen = next((read_json(os.path.join(out, f"seed{s}", st, "perception.json")) for s in seeds for st in ("clip", "sft")
+                   if read_json(os.path.join(out, f"seed{s}", st, "perception.json"))), None)
+    result["majority"] = (frozen or base or {}).get("majority", {})
+    return result
+
+
+def tower_markdown(tower, base_seconds):
+    """Held-out accuracy of each tower's features on the tumour attributes, beside the majority class."""
+    if not tower or not any(tower[row][a] for row, _ in TOWER_ROWS for a, _ in TOWER_ATTRIBUTES):
+        return ""
+    lines = ["| what the vision tower sees (held-out tumour tiles) | " +
+             " | ".join(label for _, label in TOWER_ATTRIBUTES) + " |", "|---|" + "---|" * len(TOWER_ATTRIBUTES)]
+    for row, label in TOWER_ROWS:
+        if row == "base_vision" and base_seconds is not None:
+            label += f" (trained once, {base_seconds:.0f} s)"
+        lines.append(f"| {label} | " + " | ".join(fmt(tower[row][a]) for a, _ in TOWER_ATTRIBUTES) + " |")
+    lines.append("| majority class | " + " | ".join(fmt_chance(tower["majority"].get(a)) for a, _ in TOWER_ATTRIBUTES) + " |")
     return "\n".join(lines)
 
 
@@ -395,6 +433,10 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     if probe:
         parts += ["\nThe reading probe (`python -m nanopatho.diagnose --probe reading_probe.jsonl`): held-out option "
                   "walks (copy, check, letter) and same-or-different judgements on names no stage ever trained on, teacher-forced:\n", probe]
+    tower = tower_markdown(report.get("tower_perception"), report.get("base_vision_seconds"))
+    if tower:
+        parts += ["\nWhat the vision towers' features hold about the tumour attributes the non-tissue MCQ types ask "
+                  "about (`python -m data.synthpath.perception`, fresh tiles no stage trained on):\n", tower]
     parts += ["\n## PathoCLIP\n", clip_table, "\n## Claims\n"]
     for text, ok, numbers in claim_rows:
         verdict = "info" if ok is None else ("PASS" if ok else "FAIL")
@@ -445,6 +487,7 @@ def main(argv=None):
         vlm_table, clip_table = tables_markdown(report, meta)
         tables = [t for t in (vlm_table, by_type_markdown(report["mcq_by_type"]),
                               walk_markdown(report["mcq_walk"]), clip_table,
+                              tower_markdown(report["tower_perception"], report["base_vision_seconds"]),
                               roles_markdown(report["sft_token_roles"]),
                               probe_markdown(report["reading_probe"], report["base_lm_seconds"])) if t]
         rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, commit {info['commit']}, "

@@ -165,3 +165,31 @@ def test_mcq_walk_table(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| stage 2 SFT | 1.000 ± 0.000 | 0.800 ± 0.100 | 0.500 ± 0.100 | 0.900 ± 0.100 |" in md
     assert "| stage 1 pretrain |" not in md.split("How the MCQ replies reach their letter")[1].split("\n\n")[1]
+
+
+def test_tower_perception_table(tmp_path):
+    """Stage 0v is one shared run read at its last curve step; PathoCLIP and the SFT tower are averaged over the
+    seeds' frozen probes; a seed without a probe file is left out; no file at all means no table."""
+    out = str(tmp_path)
+    assert report.tower_markdown(report.collect(out, [0])["tower_perception"], None) == ""
+    majority = {"mitoses": 0.25, "pleomorphism": 0.4, "gland_formation": 0.45, "grade": 0.55}
+    write(os.path.join(out, "base_vision", "eval.json"), {"majority": majority, "curve": [
+        {"step": 10, "mitoses": 0.3, "pleomorphism": 0.5, "gland_formation": 0.5, "grade": 0.6},
+        {"step": 20, "mitoses": 0.5, "pleomorphism": 0.8, "gland_formation": 0.9, "grade": 0.7}]})
+    with open(os.path.join(out, "times.jsonl"), "w") as f:
+        f.write(json.dumps({"stage": "base_vision", "seconds": 222}) + "\n")
+    for seed, m in enumerate([0.4, 0.6]):
+        frozen = {"mitoses": m, "pleomorphism": 0.7, "gland_formation": 0.8, "grade": 0.65}
+        write(os.path.join(out, f"seed{seed}", "clip", "perception.json"), {"frozen": frozen, "majority": majority})
+    write(os.path.join(out, "seed1", "sft", "perception.json"), {"frozen": dict(majority, mitoses=0.35),
+                                                                   "majority": majority})
+    r = report.collect(out, [0, 1])
+    assert r["base_vision_seconds"] == 222
+    assert r["tower_perception"]["base_vision"]["mitoses"] == {"mean": 0.5, "spread": 0.0, "n": 1}
+    assert r["tower_perception"]["clip"]["mitoses"]["mean"] == pytest.approx(0.5)
+    assert r["tower_perception"]["sft"]["mitoses"]["n"] == 1
+    table = report.tower_markdown(r["tower_perception"], r["base_vision_seconds"])
+    assert "| stage 0v tower, its supervised heads (trained once, 222 s) | 0.500 | 0.800 | 0.900 | 0.700 |" in table
+    assert "| PathoCLIP, frozen linear probe | 0.500 ± 0.100 | 0.700 ± 0.000 | 0.800 ± 0.000 | 0.650 ± 0.000 |" in table
+    assert "| SFT VLM's tower, frozen linear probe | 0.350 | 0.400 | 0.450 | 0.550 |" in table
+    assert "| majority class | 0.250 | 0.400 | 0.450 | 0.550 |" in table

@@ -109,3 +109,11 @@ def test_perception_out_dir_writes_a_tower_train_clip_can_start_from(tmp_path):
                for row in report["curve"] for a in perception.ATTRIBUTES)  # fractions of the 20 held-out tiles
     assert set(report["majority"]) == set(perception.ATTRIBUTES)
     assert same_state(hf_import.load_vision(out), vit)
+    # the frozen linear probe reads a 'vit' checkpoint too, and --out keeps its numbers
+    probe = str(tmp_path / "frozen.json")
+    perception.main(["--size", "32", "--n_train", "12", "--n_test", "20", "--threads", "1", "--init", out, "--frozen",
+                     "--out", probe])
+    frozen = json.load(open(probe))
+    assert frozen["tower"] == out and frozen["majority"] == report["majority"] and frozen["n_test"] == 20
+    assert set(frozen["frozen"]) == set(perception.ATTRIBUTES)
+    assert all(abs(v * 20 - round(v * 20)) < 1e-6 for v in frozen["frozen"].values())

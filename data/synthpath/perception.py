@@ -126,6 +126,7 @@ def main(argv=None):
     p.add_argument("--eval_every", type=int, default=150, help="held-out accuracy every N steps")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--out_dir", default=None, help="save the trained tower there as a ViT checkpoint, with eval.json")
+    p.add_argument("--out", default=None, help="--frozen: also write the held-out accuracies to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,12 +139,16 @@ def main(argv=None):
     if args.init:
         from nanopatho.checkpoint import load
         model = load(args.init, "cpu")[0]
-        vit = model.visual.vit if hasattr(model, "visual") else model.vision  # another --size: grid resized
+        vit = model.visual.vit if hasattr(model, "visual") else getattr(model, "vision", model)  # CLIP, VLM or ViT
     else:
         vit = ViT(dataclasses.replace(clip_config("toy", 8).vision, image_size=args.size))  # the toy tower
     if args.frozen:
         acc = linear_probe(vit, x, y, x_test, y_test)
         print("frozen features, held-out accuracy: " + "  ".join(f"{a} {v:.3f}" for a, v in acc.items()))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"tower": args.init, "frozen": acc, "majority": majority(y_test), "n_train": args.n_train,
+                           "n_test": args.n_test}, f, indent=2)
     else:
         curve = train(vit, x, y, x_test, y_test, steps=args.steps, lr=args.lr or (3e-4 if args.init else 1e-3),
                       eval_every=args.eval_every)

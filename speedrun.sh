@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole Patho-R1 recipe on a laptop, end to end:
-#   set-up -> SynthPath (+ tokenizer) -> stage 0 base LM (once, shared by every seed) -> PathoCLIP
+#   set-up -> SynthPath (+ tokenizer) -> stage 0 base LM and base vision tower (once, shared by every seed) -> PathoCLIP
 #   -> stage 1 pretrain (continues the base LM) -> stage 2 SFT -> stage 3 RL twice from the same
 #   SFT model (GRPO, DAPO) -> evaluation -> out/report.md
 #
@@ -51,7 +51,7 @@ stage() {  # stage NAME LOGFILE CMD... : run, time, keep the log, print its summ
     echo "[$name] already done: $(dirname "$log")/$name"; return 0
   fi
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$log" | grep -E "^\[(base_lm|clip|pretrain|sft|rl)\] done|^error" || true
+  "$@" 2>&1 | tee "$log" | grep -E "^\[(base_lm|base_vision|clip|pretrain|sft|rl)\] done|^error" || true
   local rc=${PIPESTATUS[0]}
   if [ "$rc" != 0 ]; then echo "stage $name failed (exit $rc), see $log" >&2; exit "$rc"; fi
   echo "{\"stage\": \"$name\", \"seconds\": $((SECONDS - t0))}" >> "$(dirname "$log")/times.jsonl"
@@ -70,12 +70,22 @@ stage base_lm "$OUT/base_lm.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET"
 $PYTHON -m nanopatho.diagnose --ckpt "$OUT/base_lm" --data "$DATA" --probe reading_probe.jsonl \
   --out "$OUT/base_lm/diagnose.json" > "$OUT/diagnose_base_lm.log" 2>&1
 
+# ---------------------------------------------------------------- stage 0v: the base vision tower, shared by every seed
+# (toy only: a ViT supervised on the world's attribute labels over freshly rendered tumour tiles; at real scale a
+# released pathology tower plays this part: train_clip.py --vision_init <its directory>)
+CLIP_INIT=()
+if [ "$PRESET" = toy ]; then
+  stage base_vision "$OUT/base_vision.log" $PYTHON -m data.synthpath.perception --n_train 4000 --steps 1500 \
+    --out_dir "$OUT/base_vision"
+  CLIP_INIT=(--vision_init "$OUT/base_vision")
+fi
+
 # ---------------------------------------------------------------- stages, per seed
 for SEED in ${SEEDS//,/ }; do
   O="$OUT/seed$SEED"
   mkdir -p "$O"
   common=(--preset "$PRESET" --data "$DATA" --seed "$SEED")
-  stage clip "$O/clip.log" $PYTHON train_clip.py "${common[@]}" --out_dir "$O/clip"
+  stage clip "$O/clip.log" $PYTHON train_clip.py "${common[@]}" "${CLIP_INIT[@]}" --out_dir "$O/clip"
   stage pretrain "$O/pretrain.log" $PYTHON train_pretrain.py "${common[@]}" --vision_init "$O/clip" --lm_init "$OUT/base_lm" \
     --reading_file reading_train.jsonl --out_dir "$O/pretrain"
   stage sft "$O/sft.log" $PYTHON train_sft.py "${common[@]}" --init "$O/pretrain" --reading_file reading_train.jsonl \
@@ -91,6 +101,13 @@ for SEED in ${SEEDS//,/ }; do
     $PYTHON -m nanopatho.diagnose --ckpt "$O/$CK" --data "$DATA" --probe reading_probe.jsonl \
       --out "$O/$CK/diagnose.json" > "$O/diagnose_$CK.log" 2>&1
   done
+  # what the towers' features hold about the tumour attributes: linear heads on frozen features, fresh tiles
+  if [ "$PRESET" = toy ]; then
+    for CK in clip sft; do
+      $PYTHON -m data.synthpath.perception --init "$O/$CK" --frozen --out "$O/$CK/perception.json" \
+        > "$O/perception_$CK.log" 2>&1
+    done
+  fi
 done
 
 # ---------------------------------------------------------------- report

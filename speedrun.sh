@@ -58,7 +58,11 @@ stage() {  # stage NAME LOGFILE CMD... : run, time, keep the log, print its summ
 }
 
 # ---------------------------------------------------------------- data
-if [ ! -f "$DATA/meta.json" ] || [ ! -f "$DATA/tokenizer.json" ]; then
+# (re)generated when missing or written by another SynthPath version than this checkout's generator: an old
+# world's pixels differ (1.0 drew the mitotic figures too small to count), and nothing else would say so
+why=$($PYTHON -c "import sys; from data.synthpath.prepare import stale; print(stale(sys.argv[1]))" "$DATA")
+if [ -n "$why" ]; then
+  echo "[data] $why: generating SynthPath"
   t0=$SECONDS
   $PYTHON data/synthpath/prepare.py --out "$DATA" --seed 0
   echo "[data] SynthPath ready in $((SECONDS - t0))s -> $DATA"

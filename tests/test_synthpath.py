@@ -325,3 +325,17 @@ def test_perception_linear_probe_on_frozen_features():
     acc = perception.linear_probe(tower, x[:16], {a: v[:16] for a, v in y.items()}, x[16:], {a: v[16:] for a, v in y.items()})
     assert set(acc) == set(perception.ATTRIBUTES) and all(v == 1.0 for v in acc.values())
     assert tower.w.item() == 1.0 and tower.w.grad is None
+
+
+def test_stale_names_why_a_data_directory_must_be_regenerated(tmp_path):
+    """speedrun.sh regenerates SynthPath when prepare.stale says why: no world, a world of another generator
+    version (whose pixels differ), or no tokenizer; a current world is kept."""
+    from data.synthpath import prepare
+
+    assert prepare.stale(str(tmp_path)) == f"{tmp_path / 'meta.json'}: missing"
+    (tmp_path / "meta.json").write_text(json.dumps({"version": "synthpath-1.0"}))
+    assert prepare.stale(str(tmp_path)) == f"{tmp_path} holds SynthPath synthpath-1.0, this generator writes {prepare.VERSION}"
+    (tmp_path / "meta.json").write_text(json.dumps({"version": prepare.VERSION}))
+    assert prepare.stale(str(tmp_path)) == f"{tmp_path / 'tokenizer.json'}: missing"
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert prepare.stale(str(tmp_path)) == ""

@@ -391,6 +391,21 @@ def prepare(out_dir, seed=0, image_size=64, n_train=4000, n_val=300, n_test=450,
     return meta
 
 
+def stale(out_dir):
+    """Why out_dir must be (re)generated before a speedrun, or "" when it holds this generator's world: a
+    missing meta.json or tokenizer.json, or a world written by another VERSION (its pixels differ)."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        return f"{meta_path}: missing"
+    with open(meta_path) as f:
+        have = json.load(f).get("version", "no version")
+    if have != VERSION:
+        return f"{out_dir} holds SynthPath {have}, this generator writes {VERSION}"
+    if not os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+        return f"{os.path.join(out_dir, 'tokenizer.json')}: missing"
+    return ""
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for name, default in Config.__dataclass_fields__.items():

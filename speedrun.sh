@@ -98,7 +98,7 @@ for SEED in ${SEEDS//,/ }; do
   stage rl_dapo "$O/rl_dapo.log" $PYTHON train_rl.py "${common[@]}" --algo dapo --init "$O/sft" --out_dir "$O/rl_dapo"
   for CK in pretrain sft rl_grpo rl_dapo; do
     $PYTHON -m nanopatho.evaluate --ckpt "$O/$CK" --data "$DATA" --tasks mcq,vqa --max_new_tokens 256 > "$O/eval_$CK.log" 2>&1
-    echo "[eval] $CK: $(grep -E '^mcq +accuracy' "$O/eval_$CK.log" | tr -s ' ')"
+    echo "[eval] $CK: $(grep -E '^mcq +accuracy +[0-9]' "$O/eval_$CK.log" | tr -s ' ')"
   done
   # where the loss sits: option letters vs the rest of the reply (SFT held-out rows), and the reading probe
   for CK in pretrain sft; do

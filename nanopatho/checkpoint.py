@@ -167,7 +167,8 @@ def checked_state(model, path):
 
 
 def load(directory, device="cpu", expect=None):
-    """(model, config dict, tokenizer) from a checkpoint directory; `expect` checks the model_type.
+    """(model, config dict, tokenizer) from a checkpoint directory; `expect` (a model_type or a tuple of them)
+    checks the model_type.
     A released Hugging Face / OpenCLIP directory (Qwen2, Llama, CLIP) is imported by nanopatho.hf_import."""
     from nanopatho import hf_import
     from nanopatho.tokenizer import Tokenizer
@@ -176,9 +177,10 @@ def load(directory, device="cpu", expect=None):
         model, config, tokenizer = hf_import.load_pretrained(directory, expect)
         return model.to(device), config, tokenizer
     config = read_json(os.path.join(directory, "config.json"))
-    if expect is not None and config.get("model_type") != expect:
-        raise CheckpointError(
-            f"{directory}: holds a {config.get('model_type')!r} model, but a {expect!r} model is needed here")
+    expected = (expect,) if isinstance(expect, str) else expect
+    if expected is not None and config.get("model_type") not in expected:
+        raise CheckpointError(f"{directory}: holds a {config.get('model_type')!r} model, but a "
+                              f"{' or '.join(map(repr, expected))} model is needed here")
     model = build_model(config)
     load_state(model, os.path.join(directory, "model.safetensors"))
     tok_path = os.path.join(directory, "tokenizer.json")

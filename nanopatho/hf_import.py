@@ -556,8 +556,10 @@ def is_released(directory):
 def load_pretrained(directory, expect=None):
     """(model, config dict, tokenizer) of a released LM or CLIP directory, like checkpoint.load."""
     kind, source = released_kind(directory)
-    if expect is not None and kind != expect:
-        raise CheckpointError(f"{directory}: holds a released {source} {kind}, but a {expect!r} model is needed here")
+    expected = (expect,) if isinstance(expect, str) else expect
+    if expected is not None and kind not in expected:
+        raise CheckpointError(f"{directory}: holds a released {source} {kind}, but a "
+                              f"{' or '.join(map(repr, expected))} model is needed here")
     if kind == "vision":
         raise CheckpointError(f"{directory}: a {source} vision tower only; use it as train_pretrain.py --vision_init")
     model, tokenizer = load_hf_lm(directory) if kind == "lm" else load_clip(directory, source)
@@ -576,10 +578,7 @@ def load_vision(directory):
     """--vision_init: a ViT from a PathoCLIP or ViT checkpoint, or a released CLIP / SigLIP / OpenCLIP directory."""
     found = released_kind(directory)
     if found is None:
-        model, config, _ = checkpoint.load(directory)
-        if config["model_type"] not in ("clip", "vit"):
-            raise CheckpointError(f"{directory}: holds a {config['model_type']!r} model, but a 'clip' or 'vit' model "
-                                  "is needed here")
+        model, config, _ = checkpoint.load(directory, expect=("clip", "vit"))
         return model.visual.vit if config["model_type"] == "clip" else model
     kind, source = found
     if kind == "lm":

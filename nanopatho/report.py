@@ -180,13 +180,12 @@ def tower_perception(out, seeds):
     attributes on held-out tiles. Stage 0v (out/base_vision/eval.json, trained once) scores its own heads at
     the last step; the others are data/synthpath/perception.py --frozen probes (out/seed<k>/<stage>/perception.json)."""
     base = read_json(os.path.join(out, "base_vision", "eval.json"))
-    runs = {"base_vision": [base["curve"][-1]] if base else []}
-    for stage in ("clip", "sft"):
-        runs[stage] = [dig(read_json(os.path.join(out, f"seed{s}", stage, "perception.json")), ("frozen",)) for s in seeds]
+    probes = {st: [read_json(os.path.join(out, f"seed{s}", st, "perception.json")) for s in seeds] for st in ("clip", "sft")}
+    runs = {"base_vision": [base["curve"][-1]] if base else [],
+            **{st: [dig(p, ("frozen",)) for p in files] for st, files in probes.items()}}
     result = {row: {a: summarise([dig(r, (a,)) for r in runs[row]]) for a, _ in TOWER_ATTRIBUTES} for row, _ in TOWER_ROWS}
-    frozen = next((read_json(os.path.join(out, f"seed{s}", st, "perception.json")) for s in seeds for st in ("clip", "sft")
-                   if read_json(os.path.join(out, f"seed{s}", st, "perception.json"))), None)
-    result["majority"] = (frozen or base or {}).get("majority", {})
+    any_file = next((p for files in probes.values() for p in files if p), None) or base or {}
+    result["majority"] = any_file.get("majority", {})
     return result
 
 

@@ -53,6 +53,7 @@ class Config(TrainConfig):
     freeze_lm: bool = field(False, "never update the language model (with --freeze_vision: only the projector "
                                     "trains); textbook paragraphs are then left out")
     pixel_shuffle: int = field(2, "fold each s x s block of patches into one image token (the ViT grid must divide by s)")
+    pooled_token: bool = field(False, "add one image token: the tower's pooled feature through its own MLP")
     align_steps: int = field(0, "train only the projector for the first N steps")
     projector_lr: float = field(0.0, "peak learning rate of the projector (LLaVA's mm_projector_lr; 0 = --lr)")
     csv_img_key: str = field("filepath", "CSV column holding the image path")
@@ -197,6 +198,7 @@ def build_model(cfg):
     lm, tokenizer = init_lm(cfg)
     mcfg = vlm_config(cfg.preset, tokenizer.vocab_size, tokenizer.image_id)
     mcfg.pixel_shuffle = cfg.pixel_shuffle
+    mcfg.pooled_token = cfg.pooled_token
     if vit is not None:
         mcfg.vision = vit.config  # the VLM sees images exactly as the tower was trained
     if lm is not None:

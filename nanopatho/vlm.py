@@ -32,6 +32,7 @@ class VLMConfig:
     image_token_id: int
     pixel_shuffle: int = 2
     projector_hidden: Optional[int] = None  # None: the LM width
+    pooled_token: bool = False  # one more image token: the ViT's pooled feature (mean or CLS) through its own MLP
 
     def to_dict(self):
         return asdict(self)
@@ -52,18 +53,26 @@ def pixel_shuffle(x, s):
     return x.reshape(B, (g // s) ** 2, s * s * C)
 
 
+def mlp(d_in, hidden, d_out):
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+
 class Projector(nn.Module):
-    """pixel shuffle, then Linear -> GELU -> Linear into the LM's embedding space."""
+    """pixel shuffle, then Linear -> GELU -> Linear into the LM's embedding space; with cfg.pooled_token
+    the tower's pooled feature (what a linear probe or CLIP's head reads) follows as one more token."""
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.s = cfg.pixel_shuffle
-        d_in = cfg.vision.n_embd * self.s * self.s
         hidden = cfg.projector_hidden or cfg.lm.n_embd
-        self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, cfg.lm.n_embd))
+        self.mlp = mlp(cfg.vision.n_embd * self.s * self.s, hidden, cfg.lm.n_embd)
+        self.pooled = mlp(cfg.vision.n_embd, hidden, cfg.lm.n_embd) if cfg.pooled_token else None
 
-    def forward(self, patch_tokens):
-        return self.mlp(pixel_shuffle(patch_tokens, self.s))  # (B, n_image_tokens, C_lm)
+    def forward(self, patch_tokens, pooled=None):
+        x = self.mlp(pixel_shuffle(patch_tokens, self.s))  # (B, (g/s)^2, C_lm)
+        if self.pooled is None:
+            return x
+        return torch.cat([x, self.pooled(pooled)[:, None]], dim=1)  # (B, (g/s)^2 + 1, C_lm)
 
 
 class VLM(nn.Module):
@@ -79,12 +88,12 @@ class VLM(nn.Module):
 
     @property
     def n_image_tokens(self):
-        return (self.config.vision.grid // self.config.pixel_shuffle) ** 2
+        return (self.config.vision.grid // self.config.pixel_shuffle) ** 2 + int(self.config.pooled_token)
 
     def image_embeddings(self, pixel_values):
         """(N_img, 3, H, W) -> (N_img, n_image_tokens, C_lm)"""
-        patch_tokens, _ = self.vision(pixel_values)
-        return self.projector(patch_tokens)
+        patch_tokens, pooled = self.vision(pixel_values)  # (N_img, g*g, C_vit), (N_img, C_vit)
+        return self.projector(patch_tokens, pooled)
 
     def embed(self, input_ids, pixel_values=None):
         """Token embeddings with each run of image placeholders replaced by one image's embeddings,

@@ -130,3 +130,22 @@ def test_generate_never_samples_the_image_placeholder_and_streams():
                          generator=torch.Generator().manual_seed(0), on_token=lambda tok, alive: seen.append(int(tok[0])))
     assert 7 not in out.ids.tolist()[0]
     assert seen == out.ids[0].tolist()
+
+
+def test_pooled_token_follows_the_patch_tokens():
+    torch.manual_seed(0)
+    lm = LMConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64, max_seq_len=64)
+    vlm = VLM(VLMConfig(vision=VIT, lm=lm, image_token_id=IMG, pixel_shuffle=2, pooled_token=True)).eval()
+    assert vlm.n_image_tokens == 5  # 4 pixel-shuffled patch tokens + the pooled one
+    pixels = torch.randn(2, 3, 32, 32)
+    feats = vlm.image_embeddings(pixels)  # (2, 5, 32)
+    patches, pooled = vlm.vision(pixels)  # (2, 16, 16), (2, 16)
+    assert torch.allclose(pooled, patches.mean(1), atol=1e-6)  # the toy ViT pools by the mean
+    assert torch.allclose(feats[:, :4], vlm.projector.mlp(pixel_shuffle(patches, 2)), atol=1e-6)
+    assert torch.allclose(feats[:, 4], vlm.projector.pooled(pooled), atol=1e-6)
+    restored = VLM(VLMConfig.from_dict(vlm.config.to_dict()))  # the flag survives a checkpoint's config
+    assert restored.n_image_tokens == 5
+    ids = torch.tensor([[1, IMG, IMG, IMG, IMG, IMG, 2, 3]])
+    logits, loss = vlm(ids, pixels[:1], targets=torch.cat([ids[:, 1:], torch.tensor([[-1]])], 1))
+    loss.backward()
+    assert vlm.projector.pooled[0].weight.grad.abs().sum() > 0  # the pooled token reaches the text loss

@@ -75,6 +75,33 @@ def test_option_rows_answer_the_finding_letter():
     assert n > 200  # several questions per context
 
 
+def test_near_rows_walk_options_that_share_a_word():
+    """Property: a near-miss list's names share one word and differ in the other; the answer is the
+    option the finding names, itself or restated as "<shared> is <own>"; the rest of the rows is the
+    usual mix, at the row's chat level."""
+    rows = R.near_rows(np.random.default_rng(8), 300, 2)
+    near = [r for r in rows if r["skill"] == "near"]
+    assert 0.4 < len(near) / len(rows) < 0.6 and {r["skill"] for r in rows} - {"near"} <= set(R.SKILLS)
+    assert all(r["level"] == 2 for r in rows)
+    restated = 0
+    for row in near:
+        options = None
+        for user, think, answer in turns(row):
+            options = {letter: name for letter, name in OPTION.findall(user)} or options
+            words = [name.split() for name in options.values()]
+            shared = set(words[0]).intersection(*words[1:])
+            assert len(shared) == 1 and len({w for ws in words for w in ws}) == 5  # one shared word, 4 own ones
+            finding = re.search(r"Finding: (.+)\.\n", user).group(1)
+            if " is " in finding:
+                word, own = finding.split(" is ")
+                assert {word} == shared and own in options[answer].split()
+                restated += 1
+            else:
+                assert options[answer] == finding
+            assert think == f"The finding is {finding}. " + walk_of(options, options[answer])
+    assert restated > 50
+
+
 def test_read_and_same_rows_are_right():
     rng = np.random.default_rng(4)
     yes = no = 0

@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.synthpath import text as T
 from data.synthpath import world
 from data.synthpath.prepare import DESCRIBE, centroid_accuracy, colour_histogram, prepare
 from nanopatho.prompts import SYSTEM_PROMPT
 
 TINY = dict(seed=3, image_size=64, n_train=60, n_val=9, n_test=18, n_test_qa=20, vocab_size=400, progress=False,
-            reading_per_level=30, reading_probe=10)
+            reading_per_level=30, reading_probe=10, reading_near_per_level=20)
 MANIFESTS = ["captions_train.jsonl", "captions_val.jsonl", "textbook.jsonl", "zeroshot_test.jsonl", "retrieval_test.jsonl",
              "sft_train.jsonl", "rl_train.jsonl", "mcq_test.jsonl", "vqa_test.jsonl",
-             "reading_train.jsonl", "reading_probe.jsonl"]
+             "reading_train.jsonl", "reading_probe.jsonl", "reading_near.jsonl", "captions_findings.jsonl",
+             "sft_tumour.jsonl"]
 
 
 def _has_tokenizer():
@@ -175,9 +177,10 @@ def _spread(values, keys):
 
 def test_probe_names_stand_side_by_side_in_no_training_file(worlds):
     side_by_side = set()
-    texts = [r["caption"] for r in read_jsonl(os.path.join(worlds[0], "captions_train.jsonl"))]
+    texts = [r["caption"] for f in ("captions_train.jsonl", "captions_findings.jsonl")
+             for r in read_jsonl(os.path.join(worlds[0], f))]
     texts += [r["text"] for r in read_jsonl(os.path.join(worlds[0], "textbook.jsonl"))]
-    texts += [m["content"] for f in ("sft_train.jsonl", "reading_train.jsonl")
+    texts += [m["content"] for f in ("sft_train.jsonl", "sft_tumour.jsonl", "reading_train.jsonl", "reading_near.jsonl")
               for r in read_jsonl(os.path.join(worlds[0], f)) for m in r["messages"]]
     for text in texts:
         words = re.findall(r"[a-z]+", text.lower())
@@ -186,6 +189,51 @@ def test_probe_names_stand_side_by_side_in_no_training_file(worlds):
     names = [n for r in probe for n in re.findall(r"(?:\n[A-D]\) |Finding: )([a-z]+ [a-z]+)\b", r["messages"][1]["content"])]
     assert len(names) >= len(probe)  # every item names at least its finding or its options
     assert not {tuple(n.split()) for n in names} & side_by_side
+
+
+def test_tumour_files_state_each_train_tumour_attributes(worlds):
+    """1.2's stage-1 captions and SFT rows: per_tumour of each per train tumour, findings by level word,
+    SFT questions about attributes only, every chain closing on its answer."""
+    root = worlds[0]
+    meta = json.load(open(os.path.join(root, "meta.json")))
+    n_tum = meta["class_counts"]["train"]["TUM"]
+    findings = read_jsonl(os.path.join(root, "captions_findings.jsonl"))
+    tumour_images = {r["image"] for r in findings}
+    assert len(findings) == 4 * n_tum == 4 * len(tumour_images)
+    for r in findings:
+        assert re.fullmatch(r"[A-Za-z ]+: (?:[a-z ]+ is (?:good|moderate|poor|mild|marked|[0-4]|present|absent)"
+                            r"(?:, | and )?){5}; (?:low|high) grade\.", r["caption"]), r["caption"]
+    sft = read_jsonl(os.path.join(root, "sft_tumour.jsonl"))
+    assert len(sft) == 3 * n_tum and {r["images"][0] for r in sft} == tumour_images
+    sft_questions = [r["messages"][1]["content"] for r in sft]
+    assert not any("tissue" in q or "this H&E tile" in q or "Does this tile show" in q for q in sft_questions)
+    for r in sft:
+        think, answer = re.fullmatch(r"<think>(.+)</think><answer>(.+)</answer>", r["messages"][2]["content"], re.S).groups()
+        assert think.endswith(f"So the answer is {answer}.")
+
+
+def test_findings_caption_states_the_drawn_levels():
+    attrs = {"gland_formation": "poor", "pleomorphism": "marked", "mitoses": 2, "necrosis": True, "mucin": False,
+             "grade": "high"}
+    text = T.findings_caption(np.random.default_rng(0), attrs)
+    for fact in ("gland formation is poor", "pleomorphism is marked", "mitotic count is 2", "necrosis is present",
+                 "mucin is absent"):
+        assert fact in text
+    assert text.endswith("; high grade.")
+    orders = {T.findings_caption(np.random.default_rng(s), attrs).split(":")[1] for s in range(10)}
+    assert len(orders) > 1  # the findings come in varied order
+
+
+def test_new_files_leave_the_old_ones_and_the_tokenizer_unchanged(tmp_path, worlds):
+    """1.2's files draw from their own random streams: changing their sizes changes no file 1.1 wrote,
+    so a 1.1 world's tokenizer and stage-0 base LM stay valid."""
+    other = dict(TINY, reading_near_per_level=5, findings_per_tumour=1, sft_per_tumour=1)
+    prepare(str(tmp_path), workers=1, train_tokenizer=_has_tokenizer(), **other)
+    same = ["captions_train.jsonl", "sft_train.jsonl", "rl_train.jsonl", "mcq_test.jsonl", "vqa_test.jsonl",
+            "reading_train.jsonl", "textbook.jsonl"] + (["tokenizer.json"] if _has_tokenizer() else [])
+    for name in same:
+        assert (tmp_path / name).read_bytes() == open(os.path.join(worlds[0], name), "rb").read(), name
+    assert (tmp_path / "sft_tumour.jsonl").read_bytes() != open(os.path.join(worlds[0], "sft_tumour.jsonl"), "rb").read()
 
 
 def test_answers_balanced(worlds):

@@ -16,6 +16,9 @@ Writes under --out (image paths in every manifest are relative to --out):
     vqa_test.jsonl                        {"image", "question", "answer", "answer_type": CLOSED|OPEN, "type"}
     reading_train.jsonl                   {"messages", "skill", "level"}: stage 0's text-only reading curriculum
     reading_probe.jsonl                   {"messages", "skill", "level"}: held-out reading items, unseen names
+    reading_near.jsonl                    (1.2) stage 0's second phase: near-miss option walks + the usual mix
+    captions_findings.jsonl               (1.2) {"image", "caption"}: train tumours' findings by level word
+    sft_tumour.jsonl                      (1.2) more SFT conversations per train tumour, about its attributes
     meta.json, contact_sheet.png, tokenizer.json
 Splits: train images feed captions_train / sft / rl, val images captions_val, and the test images
 (zero-shot + retrieval, and a tumour-rich MCQ + VQA pool) are never used for training. The same
@@ -42,7 +45,9 @@ from data.synthpath import text as T  # noqa: E402
 from data.synthpath.world import CLASSES, GLANDS, LEVELS, MAX_MITOSES, PLEO, SIZES, render, sample_attributes  # noqa: E402
 from nanopatho.prompts import SYSTEM_PROMPT, format_question  # noqa: E402
 
-VERSION = "synthpath-1.1"  # 1.1: larger mitotic figures with halos, giant nuclei for pleomorphism
+VERSION = "synthpath-1.2"  # 1.1: larger mitotic figures with halos, giant nuclei for pleomorphism; 1.2: + the
+                           # three files marked 1.2 above (the probe's names avoid their words too)
+PIXELS = "synthpath-1.1"   # the renderer's version, in every tile's name: 1.2 draws the same tiles
 TRAIN_CLASS_P = {c: (0.28 if c == "TUM" else 0.09) for c in CLASSES}   # tumours oversampled for SFT / RL
 HIST_BINS = 8                                                           # per channel, colour baseline
 
@@ -61,6 +66,9 @@ class Config:
     textbook_examples: int = 400
     reading_per_level: int = 12000   # stage 0's reading curriculum rows per level (reading.py)
     reading_probe: int = 400        # held-out reading probe items
+    reading_near_per_level: int = 3000  # reading_near.jsonl rows at each chat level (1, 2)
+    findings_per_tumour: int = 4    # captions_findings.jsonl captions per train tumour
+    sft_per_tumour: int = 3         # sft_tumour.jsonl conversations per train tumour
     vocab_size: int = 4096
     no_tokenizer: bool = False
     workers: int = 2
@@ -90,7 +98,7 @@ def plan_images(cfg):
     plan += [("test_qa", c) for c in _classes_for(rng, cfg.n_test_qa, qa_p)]
     records = []
     for idx, (split, cls) in enumerate(plan):
-        image_id = hashlib.sha1(f"{VERSION}/{cfg.seed}/{cfg.image_size}/{idx}".encode()).hexdigest()[:16]
+        image_id = hashlib.sha1(f"{PIXELS}/{cfg.seed}/{cfg.image_size}/{idx}".encode()).hexdigest()[:16]
         attrs = sample_attributes(np.random.default_rng([cfg.seed, idx, 0]), cls)
         records.append(dict(idx=idx, image=f"images/{image_id}.png", split=split, cls=cls, attrs=attrs))
     return records
@@ -191,21 +199,25 @@ def _balanced(rng, n, values):
     return [values[i] for i in rng.permutation(np.arange(n) % len(values))]
 
 
-def _pick_type(rng, cls, kind):
+def _pick_type(rng, cls, kind, attributes_only=False):
     if cls != "TUM":
         return "tissue"
+    if attributes_only:  # a tumour attribute, never the tissue, all equally often
+        types = [t for t in (YESNO_TYPES if kind == "yesno" else TUM_TYPES) if t != "tissue"]
+        return types[int(rng.integers(len(types)))]
     if kind == "yesno":
         return YESNO_TYPES[int(rng.integers(len(YESNO_TYPES)))]
     return TUM_TYPES[rng.choice(len(TUM_TYPES), p=TUM_TYPE_P)]
 
 
-def question_for(rng, r, kind, pos, target):
+def question_for(rng, r, kind, pos, target, attributes_only=False):
     """One question about record r of the given kind; yes/no questions hit the target answer."""
     cls, attrs = r["cls"], r["attrs"]
-    qtype = _pick_type(rng, cls, kind)
+    qtype = _pick_type(rng, cls, kind, attributes_only)
     q = T.ask(rng, qtype, kind, cls, attrs, target=target, pos=pos)
     if kind == "yesno" and q["answer"] != target:   # tissue and grade questions can always hit the target
-        q = T.ask(rng, ["tissue", "grade"][int(rng.integers(2)) if cls == "TUM" else 0], kind, cls, attrs, target=target)
+        fallback = "grade" if attributes_only else ["tissue", "grade"][int(rng.integers(2)) if cls == "TUM" else 0]
+        q = T.ask(rng, fallback, kind, cls, attrs, target=target)
     return q
 
 
@@ -218,14 +230,15 @@ DESCRIBE = ["Describe this H&E tile in detail.", "What do you see in this image?
             "Give a pathology description of this tile."]
 
 
-def sft_rows(rng, records):
-    """One conversation per train image: MCQ, description, reasoning or yes/no; short/medium/long chains."""
-    train = [r for r in records if r["split"] == "train"]
-    tasks = rng.choice(["mcq", "description", "reasoning", "yesno"], size=len(train), p=[0.35, 0.15, 0.25, 0.25])
+def sft_rows(rng, records, tasks=("mcq", "description", "reasoning", "yesno"), p=(0.35, 0.15, 0.25, 0.25),
+             attributes_only=False):
+    """One conversation per record: MCQ, description, reasoning or yes/no; short/medium/long chains.
+    attributes_only: every question asks about a tumour attribute, never the tissue."""
+    tasks = rng.choice(list(tasks), size=len(records), p=list(p))
     pos = iter(_balanced(rng, int((tasks == "mcq").sum()), [0, 1, 2, 3]))
     target = iter(_balanced(rng, int((tasks == "yesno").sum()), ["yes", "no"]))
     rows = []
-    for r, task in zip(train, tasks):
+    for r, task in zip(records, tasks):
         length = str(rng.choice(["short", "medium", "long"], p=[0.1, 0.4, 0.5] if task == "reasoning" else [0.35, 0.35, 0.3]))
         if task == "description":
             question, options = T.pick(rng, DESCRIBE), None
@@ -233,7 +246,8 @@ def sft_rows(rng, records):
             answer = T.caption(rng, r["cls"], r["attrs"], detailed=True)
         else:
             kind = {"mcq": "mcq", "reasoning": "short", "yesno": "yesno"}[task]
-            q = question_for(rng, r, kind, next(pos) if kind == "mcq" else 0, next(target) if kind == "yesno" else "yes")
+            q = question_for(rng, r, kind, next(pos) if kind == "mcq" else 0, next(target) if kind == "yesno" else "yes",
+                             attributes_only)
             question, options, answer = q["question"], q["options"], q["answer"]
             think = T.chain(rng, q, r["cls"], r["attrs"], length)
         rows.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT},
@@ -241,6 +255,18 @@ def sft_rows(rng, records):
                                   {"role": "assistant", "content": f"<think>{think}</think><answer>{answer}</answer>"}],
                      "images": [r["image"]]})
     return rows
+
+
+def tumour_sft_rows(rng, records, per_tumour):
+    """per_tumour more conversations per train tumour, each asking about an attribute (MCQ, reasoning or
+    yes/no), so SFT sees the attribute questions as often as the tissue ones."""
+    tumours = [r for r in records if r["split"] == "train" and r["cls"] == "TUM" for _ in range(per_tumour)]
+    return sft_rows(rng, tumours, tasks=("mcq", "reasoning", "yesno"), p=(0.5, 0.25, 0.25), attributes_only=True)
+
+
+def findings_rows(rng, records, per_tumour):
+    return [{"image": r["image"], "caption": T.findings_caption(rng, r["attrs"])}
+            for r in records if r["split"] == "train" and r["cls"] == "TUM" for _ in range(per_tumour)]
 
 
 def qa_rows(rng, chosen, fields):
@@ -282,15 +308,17 @@ def write_json(path, obj):
 def training_texts(files):
     """Every text a training stage reads (stage 0's reading rows, stage 1's captions and textbook, SFT's
     conversations): the reading probe's names are word pairs that stand side by side in none of them."""
-    texts = [r["caption"] for r in files["captions_train.jsonl"]] + [r["text"] for r in files["textbook.jsonl"]]
-    return texts + [m["content"] for name in ("sft_train.jsonl", "reading_train.jsonl") for r in files[name]
-                    for m in r["messages"]]
+    texts = [r["caption"] for name in ("captions_train.jsonl", "captions_findings.jsonl") for r in files[name]]
+    texts += [r["text"] for r in files["textbook.jsonl"]]
+    return texts + [m["content"] for name in ("sft_train.jsonl", "sft_tumour.jsonl", "reading_train.jsonl",
+                                              "reading_near.jsonl") for r in files[name] for m in r["messages"]]
 
 
 def write_text(out, cfg, records):
     """Every manifest; returns {file name: rows} for the meta and the tokenizer."""
     streams = {name: np.random.default_rng([cfg.seed, 2, i]) for i, name in enumerate(
-        ["captions_train", "captions_val", "textbook", "retrieval", "sft", "rl", "mcq", "vqa", "reading", "probe"])}
+        ["captions_train", "captions_val", "textbook", "retrieval", "sft", "rl", "mcq", "vqa", "reading", "probe",
+         "reading_near", "findings", "sft_tumour"])}
     qa_test = [r for r in records if r["split"] == "test_qa"]
     files = {
         "captions_train.jsonl": caption_rows(streams["captions_train"], records, "train", cfg.captions_per_image),
@@ -299,7 +327,7 @@ def write_text(out, cfg, records):
         "zeroshot_test.jsonl": [{"image": r["image"], "label": r["cls"]} for r in records if r["split"] == "test"],
         "retrieval_test.jsonl": [{"image": r["image"], "caption": T.caption(streams["retrieval"], r["cls"], r["attrs"], detailed=True)}
                                  for r in records if r["split"] == "test"],
-        "sft_train.jsonl": sft_rows(streams["sft"], records),
+        "sft_train.jsonl": sft_rows(streams["sft"], [r for r in records if r["split"] == "train"]),
         "rl_train.jsonl": qa_rows(streams["rl"], rl_pairs(streams["rl"], records, cfg.rl_per_image),
                                   ("image", "question", "options", "answer", "kind", "type")),
         "mcq_test.jsonl": qa_rows(streams["mcq"], [(r, "mcq") for r in qa_test],
@@ -308,6 +336,10 @@ def write_text(out, cfg, records):
                                   ("image", "question", "answer", "answer_type", "type")),
         "reading_train.jsonl": [row for level in R.LEVELS
                                 for row in R.reading_rows(streams["reading"], cfg.reading_per_level, level)],
+        "reading_near.jsonl": [row for level in R.LEVELS[1:]
+                               for row in R.near_rows(streams["reading_near"], cfg.reading_near_per_level, level)],
+        "captions_findings.jsonl": findings_rows(streams["findings"], records, cfg.findings_per_tumour),
+        "sft_tumour.jsonl": tumour_sft_rows(streams["sft_tumour"], records, cfg.sft_per_tumour),
     }
     files["reading_probe.jsonl"] = R.probe_rows(streams["probe"], cfg.reading_probe, training_texts(files))
     for name, rows in files.items():
@@ -364,6 +396,8 @@ def build_meta(cfg, records, files, baselines):
 
 
 def fit_tokenizer(out, files, vocab_size):
+    """BPE on the captions, textbook and SFT conversations. The files 1.2 added use the same words and
+    are left out, so the tokenizer (and the base LM trained with it) is the one 1.1 wrote."""
     from nanopatho.tokenizer import Tokenizer   # lazy: only this step needs HF tokenizers
     texts = [r["caption"] for r in files["captions_train.jsonl"]] + [r["text"] for r in files["textbook.jsonl"]]
     texts += [m["content"] for r in files["sft_train.jsonl"] for m in r["messages"]]
@@ -393,7 +427,7 @@ def prepare(out_dir, seed=0, image_size=64, n_train=4000, n_val=300, n_test=450,
 
 def stale(out_dir):
     """Why out_dir must be (re)generated before a speedrun, or "" when it holds this generator's world: a
-    missing meta.json or tokenizer.json, or a world written by another VERSION (its pixels differ)."""
+    missing meta.json or tokenizer.json, or a world written by another VERSION (its pixels or files differ)."""
     meta_path = os.path.join(out_dir, "meta.json")
     if not os.path.exists(meta_path):
         return f"{meta_path}: missing"

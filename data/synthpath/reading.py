@@ -11,6 +11,9 @@ that, in the chat layout SFT uses, on names that carry no pathology at all:
     read     "What does option B say?" + options         -> "Option B) Y."                (letter -> name)
     same     "Finding: X. Does the finding say Y?"      -> "The finding is X. The question asks about Y.
                                                             So the answer is yes|no."    (same or different)
+    near     the option walk on options that share a word ("mild W", "marked W", ..), the finding
+             the name itself or "W is marked": stage 0's second phase (near_rows), as SynthPath's
+             tumour options ("mild pleomorphism", "marked pleomorphism") need
 
 Each row asks several questions on one context (dense supervision). Level 0 is a terse drill of
 the skill alone (options + "Finding: y." -> the walk, as above), about 50 tokens;
@@ -26,6 +29,7 @@ measures the skill, not memory.
     rows = reading_rows(np.random.default_rng(0), 1000, level=1)      # [{"messages", "skill", "level"}]
     texts = [m["content"] for row in rows for m in row["messages"]]    # + every other training text
     probe = probe_rows(np.random.default_rng(1), 200, texts)            # names never side by side in texts
+    near = near_rows(np.random.default_rng(2), 1000, level=2)           # the second phase's rows
 """
 
 import re
@@ -217,6 +221,47 @@ def reading_rows(rng, n, level, mix=None):
     skills, weights = list(mix), np.array(list(mix.values()), dtype=float)
     picks = rng.choice(len(skills), size=n, p=weights / weights.sum())
     return [reading_row(rng, skills[int(i)], level) for i in picks]
+
+
+def shared_word_names(rng):
+    """(make_name, the index of each name's own word) for a near-miss option list: every name is one
+    shared word and one word of its own ("marked pleomorphism", "mild pleomorphism"), as SynthPath's
+    tumour options are, so only the own word tells the options apart."""
+    shared = TRAIN_WORDS[int(rng.integers(len(TRAIN_WORDS)))]
+    own_first = bool(rng.random() < 0.5)
+
+    def make(r):
+        own = shared
+        while own == shared:
+            own = TRAIN_WORDS[int(r.integers(len(TRAIN_WORDS)))]
+        return f"{own} {shared}" if own_first else f"{shared} {own}"
+    return make, shared, 0 if own_first else 1
+
+
+def near_turns(rng, n_questions):
+    """The option walk on a near-miss list; half the findings restate the name as "<shared> is <own>"
+    (the chains say "pleomorphism is marked" where the option says "marked pleomorphism")."""
+    make, shared, own = shared_word_names(rng)
+
+    def turn(names, k):
+        finding = names[k] if rng.random() < 0.5 else f"{shared} is {names[k].split()[own]}"
+        return (f"Finding: {finding}.\nWhich option matches the finding?",
+                reply(f"The finding is {finding}. {walk_options(lettered(names), LETTERS[k])}", LETTERS[k]))
+    return options_turns(rng, make, n_questions, turn)
+
+
+def near_rows(rng, n, level):
+    """Stage 0's second phase: n rows of one chat level (1 or 2), half near-miss option walks
+    (skill "near"), half the usual mix so the other skills stay."""
+    assert level >= 1, "near-miss rows use the chat layout"
+    rows = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            turns = near_turns(rng, int(rng.integers(1, 3)))
+            rows.append({"messages": with_context(turns, level, filler(rng, level)), "skill": "near", "level": level})
+        else:
+            rows.append(reading_rows(rng, 1, level)[0])
+    return rows
 
 
 def probe_rows(rng, n, train_texts):

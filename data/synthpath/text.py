@@ -6,6 +6,7 @@ caption, a question's answer and a chain of thought are all checkable against th
 Usage (prepare.py does this for every image):
 
     caption(rng, "TUM", attrs)                 # one varied caption
+    findings_caption(rng, attrs)               # a tumour's findings by level word (stage 1's extra captions)
     q = ask(rng, "mitoses", "short", "TUM", attrs)   # {"question", "options", "answer", "kind", "steps"}
     chain(q, "long")                           # the <think> text reasoning over visible attributes
 """
@@ -110,6 +111,19 @@ def caption(rng, cls, attrs, detailed=False):
     facts = tumour_facts(rng, attrs)
     n = len(facts) if detailed else int(rng.integers(2, 5))
     return f"{intro} {pick(rng, ['It shows', 'Note', 'Findings:', 'Features:'])} {join(facts[:n])}."
+
+
+def findings_caption(rng, attrs):
+    """A tumour caption that names every graded finding by the level word the questions and chains
+    use ("gland formation is poor", "pleomorphism is marked", "mitotic count is 2"), findings in
+    random order, then the grade. Stage 1 reads these so the LM learns to say what the image shows
+    in the words SFT's chains conclude with; the ordinary captions paraphrase the levels instead."""
+    facts = [f"gland formation is {attrs['gland_formation']}", f"pleomorphism is {attrs['pleomorphism']}",
+             f"mitotic count is {attrs['mitoses']}", f"necrosis is {'present' if attrs['necrosis'] else 'absent'}",
+             f"mucin is {'present' if attrs['mucin'] else 'absent'}"]
+    facts = [facts[i] for i in rng.permutation(len(facts))]
+    intro = pick(rng, ["Adenocarcinoma findings:", "Tumour findings:", "Findings in this adenocarcinoma:"])
+    return f"{intro} {join(facts)}; {attrs['grade']} grade."
 
 
 # -----------------------------------------------------------------------------

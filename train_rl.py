@@ -25,6 +25,7 @@ measures the saving.
     python train_rl.py --preset toy --algo dapo --init out/sft --out_dir out/rl_dapo
     torchrun --nproc_per_node=8 train_rl.py --preset small --algo dapo --init out/sft
     torchrun --nproc_per_node=8 train_rl.py --preset base --algo grpo --init out/sft --stream --fsdp
+    python train_rl.py --preset toy --algo grpo --init out/sft --types glands,pleomorphism,tissue:160
     python train_rl.py --help
 
 --stream reads the questions by seek, prompts_per_step at a time per rollout round, images decoded
@@ -37,6 +38,7 @@ mini-batch, so the surrogate equals the mean advantage, which group normalisatio
 Its gradient, A * grad(log p), is not 0 — that is what moves the policy.
 """
 
+import collections
 import dataclasses
 import os
 import time
@@ -60,6 +62,9 @@ class Config(RunConfig):
     algo: str = field("grpo", "grpo | dapo (sets the defaults marked 'algo default')")
     init: str = field("out/sft", "VLM checkpoint to start from (stage 2 output); also the KL reference")
     train_file: str = field("rl_train.jsonl", "questions with verifiable answers (relative to --data)")
+    types: str = field("", "question types to train on, by the rows' \"type\": comma-separated names, name:N keeps "
+                           "the first N rows of that type (file order), e.g. glands,tissue:160 ('' = every row; "
+                           "not with --stream)")
     out_dir: str = field("out/rl", "output directory")
     seed: int = field(0, "random seed (prompt order, sampling)")
     max_steps: int = field(60, "RL steps (one rollout batch each)")
@@ -382,16 +387,49 @@ def global_mean(values, device):
 QUESTION_KEYS = ("image", "question", "answer", "kind")
 
 
+def select_types(items, spec, path):
+    """--types: the items whose "type" is listed in spec ("glands,tissue:160"), in file order; name:N keeps
+    only the first N rows of that type. An empty spec keeps every item. Rows without a "type" are dropped.
+    A malformed entry or a listed type with no row is a DataError naming `path` and the flag."""
+    if not spec:
+        return items
+    limits = {}  # type -> at most this many rows (None: all of them)
+    for entry in spec.split(","):
+        name, colon, count = (part.strip() for part in entry.partition(":"))
+        if not name or name in limits or (colon and not (count.isdecimal() and int(count) > 0)):
+            raise DataError(f"{path}: --types {spec!r}: entry {entry.strip()!r} must be a type name or name:N "
+                            f"with N >= 1, each type once")
+        limits[name] = int(count) if colon else None
+    kept, counts = [], dict.fromkeys(limits, 0)
+    for item in items:
+        name = item.get("type")
+        if name in limits and (limits[name] is None or counts[name] < limits[name]):
+            kept.append(item)
+            counts[name] += 1
+    missing = [name for name, n in counts.items() if n == 0]
+    if missing:
+        raise DataError(f"{path}: --types lists {', '.join(missing)}, which no row has as its \"type\"")
+    return kept
+
+
 def load_questions(cfg, image_size):
     """(items, uint8 images) decoded into memory, or with --stream a stream.Stream of such batches;
-    and the bad samples skipped while loading."""
+    and the bad samples skipped while loading. --types filters the rows before their images are decoded."""
     path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
+    if cfg.stream and cfg.types:
+        training.fail(f"{path}: --types selects from the preloaded questions; it does not combine with --stream")
     if cfg.stream:
         source = stream.open_records(path, QUESTION_KEYS, allow_outside_root=cfg.allow_outside_root)
         return stream.Stream(source, QuestionPlan(image_size, cfg.prompts_per_step), seed=cfg.seed,
                              num_workers=cfg.num_workers, skip_bad=cfg.skip_bad_samples), 0
     items, skipped = load_records(path, QUESTION_KEYS, skip_bad=cfg.skip_bad_samples,
                                   allow_outside_root=cfg.allow_outside_root)
+    if cfg.types:
+        kept = select_types(items, cfg.types, path)
+        counts = collections.Counter(item["type"] for item in kept)
+        training.print0(f"[rl] --types: {len(kept)} rows of {len(items)} kept "
+                        f"({', '.join(f'{name} {n}' for name, n in sorted(counts.items()))})")
+        items = kept
     images, items, bad = preload_images(items, image_size, skip_bad=cfg.skip_bad_samples, desc="rl images")
     return (items, images), skipped + bad
 

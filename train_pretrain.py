@@ -1,4 +1,4 @@
-"""Stage 1 of Patho-R1: continued pretraining (knowledge infusion) of the VLM.
+r"""Stage 1 of Patho-R1: continued pretraining (knowledge infusion) of the VLM.
 
 The model learns to continue each caption given its image (loss on caption tokens only:
 `<|bos|><image x n> caption <|eos|>`), mixed with text-only "textbook" paragraphs that
@@ -16,6 +16,8 @@ Qwen2.5 / Llama-family HF directory, whose own tokenizer.json the VLM then uses,
     torchrun --nproc_per_node=8 train_pretrain.py --preset base --train_file shards/ --stream --num_workers 6 --fsdp
     python train_pretrain.py --preset small --lm_init Qwen2.5-0.5B --vision_init clip-vit-base-patch16 \
         --freeze_vision --align_steps 500 --lr 2e-5
+    python train_pretrain.py --train_file captions_train.jsonl,captions_findings.jsonl \
+        --reading_file reading_train.jsonl,reading_near.jsonl
     python train_pretrain.py --help
 
 --stream reads the pairs sample by sample (nanopatho/stream.py) instead of decoding every image
@@ -40,7 +42,8 @@ from nanopatho.vlm import VLM
 @dataclasses.dataclass
 class Config(TrainConfig):
     out_dir: str = field("out/pretrain", "where checkpoints, metrics.jsonl and the final model go")
-    train_file: str = field("captions_train.jsonl", "image-caption pairs: JSONL, CSV/TSV, or WebDataset .tar (relative to --data)")
+    train_file: str = field("captions_train.jsonl", "image-caption pairs: JSONL, CSV/TSV, or WebDataset .tar (relative to "
+                                                    "--data; comma-separated list allowed without --stream)")
     val_file: str = field("captions_val.jsonl", "held-out image-caption pairs for the validation loss")
     textbook_file: str = field("textbook.jsonl", "text-only paragraphs {'text': ...} ('' = none)")
     textbook_ratio: float = field(0.2, "fraction of training examples that are textbook paragraphs")
@@ -72,6 +75,11 @@ def resolve(cfg, name):
     return name if not name or os.path.isabs(name) else os.path.join(cfg.data, name)
 
 
+def manifests(cfg, names):
+    """A comma-separated --train_file / --reading_file -> each manifest's path, in the listed order."""
+    return [resolve(cfg, name) for name in names.split(",")]
+
+
 def caption_prefix(cfg, tokenizer, n_image_tokens):
     """`<|bos|> <image>*n`, checking that --max_seq_len leaves room for a caption token and <|eos|>."""
     prefix = [tokenizer.bos_id] + [tokenizer.image_id] * n_image_tokens
@@ -93,16 +101,29 @@ def open_pairs(cfg, path):
                              shuffle_buffer_size=cfg.shuffle_buffer)
 
 
-def caption_examples(cfg, tokenizer, n_image_tokens, path, image_size, limit=None):
-    """Pairs -> Examples: `<|bos|> <image>*n caption <|eos|>`, loss on caption + eos.
-    limit: only the first `limit` pairs, read as a stream (--stream's validation rows)."""
+def read_pairs(cfg, paths):
+    """The pairs of every manifest in `paths`, file by file in that order -> (pairs, n_skipped)."""
+    pairs, skipped = [], 0
+    for path in paths:
+        file_pairs, file_skipped = load_pairs(path, skip_bad=cfg.skip_bad_samples,
+                                              allow_outside_root=cfg.allow_outside_root, csv_img_key=cfg.csv_img_key,
+                                              csv_caption_key=cfg.csv_caption_key, csv_sep=cfg.csv_sep)
+        pairs += file_pairs
+        skipped += file_skipped
+    return pairs, skipped
+
+
+def caption_examples(cfg, tokenizer, n_image_tokens, paths, image_size, limit=None):
+    """The pairs of the manifests `paths`, file by file -> Examples: `<|bos|> <image>*n caption <|eos|>`, loss
+    on caption + eos. limit: only the first `limit` pairs of the one manifest, read as a stream (--stream's
+    validation rows)."""
     if limit is None:
-        pairs, skipped = load_pairs(path, skip_bad=cfg.skip_bad_samples, allow_outside_root=cfg.allow_outside_root,
-                                    csv_img_key=cfg.csv_img_key, csv_caption_key=cfg.csv_caption_key,
-                                    csv_sep=cfg.csv_sep)
+        pairs, skipped = read_pairs(cfg, paths)
     else:
-        pairs, skipped = stream.head(open_pairs(cfg, path), limit, cfg.skip_bad_samples)
-    images, pairs, bad = preload_images(pairs, image_size, skip_bad=cfg.skip_bad_samples, desc=os.path.basename(path))
+        assert len(paths) == 1, f"a limit streams one manifest, got {paths}"
+        pairs, skipped = stream.head(open_pairs(cfg, paths[0]), limit, cfg.skip_bad_samples)
+    images, pairs, bad = preload_images(pairs, image_size, skip_bad=cfg.skip_bad_samples,
+                                        desc=",".join(os.path.basename(path) for path in paths))
     prefix = caption_prefix(cfg, tokenizer, n_image_tokens)
     seqs = [caption_seq(cfg, tokenizer, prefix, p["caption"]) for p in pairs]
     return Examples(seqs, list(range(len(pairs))), images), skipped + bad
@@ -154,17 +175,25 @@ def textbook_examples(cfg, tokenizer, path):
     return seqs, skipped
 
 
+def reading_rows(cfg, tokenizer):
+    """Stage 0's reading rows of every --reading_file manifest, file by file (text only)."""
+    return [seq for path in manifests(cfg, cfg.reading_file) for seq in reading_seqs(tokenizer, path, cfg.max_seq_len)]
+
+
 def empty_examples(size):
     return Examples([], [], torch.zeros(0, 3, size, size, dtype=torch.uint8))
 
 
 def streamed_data(cfg, tokenizer, model, size):
     """--stream: (train Stream, the first validation rows as Examples, bad samples skipped so far)."""
+    if "," in cfg.train_file:
+        training.fail(f"--train_file {cfg.train_file}: --stream reads a single source; a comma-separated list "
+                      f"needs the preloaded path (drop --stream)")
     textbook, bad_text = ([], 0) if not cfg.textbook_file else \
         textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file))
     n_val = cfg.eval_batches * cfg.batch_size * dist.world_size()  # all that validation_loss reads
-    val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size, n_val) \
-        if cfg.val_file else (empty_examples(size), 0)
+    val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, [resolve(cfg, cfg.val_file)], size,
+                                        n_val) if cfg.val_file else (empty_examples(size), 0)
     source = open_pairs(cfg, resolve(cfg, cfg.train_file))
     plan = CaptionPlan(cfg, tokenizer, model.n_image_tokens, size, textbook)
     train_set = stream.Stream(source, plan, seed=cfg.seed, num_workers=cfg.num_workers, skip_bad=cfg.skip_bad_samples)
@@ -245,15 +274,15 @@ def main(argv=None):
             training.fail("--reading_file mixes into the preloaded pairs; it does not combine with --stream")
         train_set, val_set, bad = streamed_data(cfg, tokenizer, model, size)
     else:
-        train_caps, bad_train = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.train_file), size)
+        train_caps, bad_train = caption_examples(cfg, tokenizer, model.n_image_tokens, manifests(cfg, cfg.train_file),
+                                                 size)
         use_text = not cfg.freeze_lm  # text-only rows would train nothing but the (frozen) LM
         textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) \
             if cfg.textbook_file and use_text else ([], 0)
-        val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, resolve(cfg, cfg.val_file), size) \
+        val_set, bad_val = caption_examples(cfg, tokenizer, model.n_image_tokens, [resolve(cfg, cfg.val_file)], size) \
             if cfg.val_file else (empty_examples(size), 0)
         train_set, bad = mix_text(train_caps, textbook, cfg.textbook_ratio), bad_train + bad_text + bad_val
-        reading = reading_seqs(tokenizer, resolve(cfg, cfg.reading_file), cfg.max_seq_len) \
-            if cfg.reading_file and use_text else []
+        reading = reading_rows(cfg, tokenizer) if cfg.reading_file and use_text else []
         train_set = mix_text(train_set, reading, cfg.reading_ratio, subsample=True)
         training.print0(f"[pretrain] {len(train_caps)} caption + {len(textbook)} textbook + {len(reading)} reading "
                         f"examples ({len(train_set)} after mixing), {len(val_set)} val; skipped bad samples: {bad}; "

@@ -1,4 +1,4 @@
-"""Stage 2 of Patho-R1: chain-of-thought supervised fine-tuning of the VLM.
+r"""Stage 2 of Patho-R1: chain-of-thought supervised fine-tuning of the VLM.
 
 Conversations (ShareGPT / LLaMA-Factory `{"messages", "images"}` or LLaVA
 `{"image", "conversations"}`) are rendered with the chat template; the loss is on the
@@ -9,12 +9,14 @@ conversation is held out for the validation loss.
     python train_sft.py --preset toy --init out/pretrain --out_dir out/sft
     torchrun --nproc_per_node=8 train_sft.py --preset small --init out/pretrain
     torchrun --nproc_per_node=8 train_sft.py --preset base --init out/pretrain --stream --fsdp
+    python train_sft.py --train_file sft_train.jsonl,sft_tumour.jsonl \
+        --reading_file reading_train.jsonl,reading_near.jsonl
     python train_sft.py --help
 
 --stream reads the conversations by seek, one at a time (nanopatho/stream.py), images decoded in
 --num_workers processes; the held-out rows are every val_every-th line of the manifest (without
---stream: every val_every-th conversation that parsed), of which the first eval_batches * batch_size
-* world are read for the validation loss.
+--stream: every val_every-th conversation that parsed, counted across the listed manifests in
+order), of which the first eval_batches * batch_size * world are read for the validation loss.
 """
 
 import dataclasses
@@ -34,7 +36,8 @@ from nanopatho.presets import count_params
 class Config(TrainConfig):
     out_dir: str = field("out/sft", "where checkpoints, metrics.jsonl and the final model go")
     init: str = field("out/pretrain", "VLM checkpoint to start from (stage 1 output)")
-    train_file: str = field("sft_train.jsonl", "conversations, ShareGPT or LLaVA form (relative to --data)")
+    train_file: str = field("sft_train.jsonl", "conversations, ShareGPT or LLaVA form (relative to --data; "
+                                               "comma-separated list allowed without --stream)")
     val_every: int = field(20, "hold out every N-th conversation for the validation loss")
     freeze_vision: bool = field(False, "never update the vision tower")
 
@@ -61,18 +64,38 @@ def render(cfg, tokenizer, conv, n_image_tokens):
     return ids, mask
 
 
+def manifests(cfg, names):
+    """A comma-separated --train_file / --reading_file -> each manifest's path (relative to --data unless absolute)."""
+    return [name if os.path.isabs(name) else os.path.join(cfg.data, name) for name in names.split(",")]
+
+
+def read_conversations(cfg, paths):
+    """The conversations of every manifest in `paths`, file by file in that order -> (conversations, n_skipped)."""
+    convs, skipped = [], 0
+    for path in paths:
+        file_convs, file_skipped = load_conversations(path, skip_bad=cfg.skip_bad_samples,
+                                                      allow_outside_root=cfg.allow_outside_root)
+        convs += file_convs
+        skipped += file_skipped
+    return convs, skipped
+
+
+def reading_rows(cfg, tokenizer):
+    """Stage 0's reading rows of every --reading_file manifest, file by file (text only)."""
+    return [seq for path in manifests(cfg, cfg.reading_file) for seq in reading_seqs(tokenizer, path, cfg.max_seq_len)]
+
+
 def held_out(cfg, n):
     return bool(cfg.val_every) and n % cfg.val_every == cfg.val_every - 1
 
 
 def conversation_examples(cfg, tokenizer, n_image_tokens, image_size, convs=None):
-    """Render every conversation to (ids, assistant-only loss mask); split off validation rows.
-    convs: these conversations, all held out (--stream's validation rows), instead of the manifest's."""
+    """Render every conversation of the --train_file manifests to (ids, assistant-only loss mask); split off
+    validation rows (n counts over all the manifests, in order).
+    convs: these conversations, all held out (--stream's validation rows), instead of the manifests'."""
     skipped, val_only = 0, convs is not None
     if convs is None:
-        path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
-        convs, skipped = load_conversations(path, skip_bad=cfg.skip_bad_samples,
-                                            allow_outside_root=cfg.allow_outside_root)
+        convs, skipped = read_conversations(cfg, manifests(cfg, cfg.train_file))
     with_image = [{"image": c["images"][0], "source": c["source"]} for c in convs if c["images"]]
     images, kept, bad = preload_images(with_image, image_size, skip_bad=cfg.skip_bad_samples, desc="sft images")
     slot = {item["source"]: i for i, item in enumerate(kept)}
@@ -111,7 +134,10 @@ class ConversationPlan:
 
 def conversation_stream(cfg, tokenizer, n_image_tokens, image_size):
     """--stream: (train Stream over the manifest's training lines, the first held-out rows as Examples, bad)."""
-    path = cfg.train_file if os.path.isabs(cfg.train_file) else os.path.join(cfg.data, cfg.train_file)
+    if "," in cfg.train_file:
+        training.fail(f"--train_file {cfg.train_file}: --stream reads a single manifest; a comma-separated list "
+                      f"needs the preloaded path (drop --stream)")
+    (path,) = manifests(cfg, cfg.train_file)
     source = stream.open_conversations(path, allow_outside_root=cfg.allow_outside_root)
     is_val = np.array([held_out(cfg, n) for n in range(len(source))], dtype=bool)
     n_val = cfg.eval_batches * cfg.batch_size * dist.world_size()  # all that validation_loss reads
@@ -133,9 +159,7 @@ def main(argv=None):
     if cfg.reading_file:  # text-only reading rows, so SFT does not erase what stage 0 taught
         if cfg.stream:
             training.fail("--reading_file mixes into the preloaded conversations; it does not combine with --stream")
-        path = cfg.reading_file if os.path.isabs(cfg.reading_file) else os.path.join(cfg.data, cfg.reading_file)
-        train_set = mix_text(train_set, reading_seqs(tokenizer, path, cfg.max_seq_len), cfg.reading_ratio,
-                             subsample=True)
+        train_set = mix_text(train_set, reading_rows(cfg, tokenizer), cfg.reading_ratio, subsample=True)
     if cfg.freeze_vision:
         model.freeze_vision()
     n_train = f"{len(train_set.source)} streamed" if cfg.stream else len(train_set)

@@ -9,11 +9,17 @@ base LM serves every seed of the speedrun, as one released model serves every Pa
     python -m nanopatho.base_lm --preset toy --data data/synthpath --out_dir out/base_lm
     python -m nanopatho.base_lm --preset toy --level_steps 300,300 --max_steps 1000   # a faster schedule
     torchrun --nproc_per_node=2 -m nanopatho.base_lm --preset toy
+    python -m nanopatho.base_lm --preset toy --init out/base_lm --train_file reading_near.jsonl \
+        --level_steps 200 --max_steps 600 --out_dir out/base_lm_near                 # the second phase
     python -m nanopatho.base_lm --help
 
 Curriculum: the first level_steps[0] steps draw rows of level 0 (the bare question), the next
 level_steps[1] of level 1 (+ the system prompt), the rest of level 2 (+ filler: the real prompt's
-length and more); `--replay` of each batch is drawn from the earlier levels so no skill is lost.
+length and more); `--replay` of each batch is drawn from the earlier levels so no skill is lost. A file without some levels
+(reading_near.jsonl holds levels 1 and 2) walks the levels it has, in order.
+Second phase (the toy speedrun runs it): `--init` continues the first phase's LM on reading_near.jsonl,
+the option walk on options that share a word ("mild pleomorphism", "marked pleomorphism"), as SynthPath's
+tumour questions ask; the first phase's options share none.
 Every --eval_every steps the held-out reading probe (names never trained on) is scored and logged
 to metrics.jsonl as probe_option (letter top-1, chance 0.25) and probe_same (yes/no top-1, chance 0.5).
 The output directory is an LM checkpoint (config.json model_type "lm", model.safetensors, tokenizer.json).
@@ -39,6 +45,7 @@ class Config(TrainConfig):
     train_file: str = field("reading_train.jsonl", "reading conversations {'messages', 'level'} (relative to --data)")
     probe_file: str = field("reading_probe.jsonl", "held-out reading probe conversations ('' = none)")
     tokenizer: str = field("", "tokenizer.json (default: <data>/tokenizer.json); stage 1 must use the same")
+    init: str = field("", "LM checkpoint to continue (same tokenizer) instead of a blank LM: a second phase")
     level_steps: str = field("600,600", "steps spent at each level before the last one, comma-separated")
     replay: float = field(0.25, "fraction of each batch drawn from earlier levels")
     level_batch: str = field("", "rows per micro-batch at each level, comma-separated ('' = --batch_size at every "
@@ -97,13 +104,14 @@ def curriculum_sampler(cfg, levels):
     pools = {}
     for i, level in enumerate(levels):
         pools.setdefault(level, []).append(i)
-    top = max(pools)
+    present = sorted(pools)  # the levels the rows hold, walked in order
 
     def sample(step, micro):
-        level = min(level_at(step, level_steps), top)
+        k = min(level_at(step, level_steps), len(present) - 1)
+        level = present[k]
         batch_size = sizes[min(level, len(sizes) - 1)] if sizes else cfg.batch_size
         g = training.generator_for(cfg.seed, step, micro, dist.rank(), 17)
-        earlier = [i for lv in range(level) for i in pools.get(lv, [])]
+        earlier = [i for lv in present[:k] for i in pools[lv]]
         n_replay = round(cfg.replay * batch_size) if earlier else 0
         now, old = pools[level], earlier or pools[level]
         picks = [now[int(j)] for j in torch.randint(len(now), (batch_size - n_replay,), generator=g)]
@@ -121,6 +129,17 @@ def probe_scorer(tokenizer, path):
     return score
 
 
+def initial_lm(cfg, tokenizer):
+    """A blank LM of the preset's shape, or with --init the LM checkpoint to continue (its shape)."""
+    if not cfg.init:
+        return LM(lm_config(cfg.preset, tokenizer.vocab_size))
+    model, _, _ = checkpoint.load(cfg.init, expect="lm")
+    if model.config.vocab_size != tokenizer.vocab_size:
+        training.fail(f"--init {cfg.init}: its vocabulary ({model.config.vocab_size} ids) is not the tokenizer's "
+                      f"({tokenizer.vocab_size}); continue it with the tokenizer.json it was trained with")
+    return model
+
+
 def main(argv=None):
     cfg = parse_config(Config, PRESETS, argv, description=__doc__)
     if cfg.num_threads:
@@ -129,8 +148,9 @@ def main(argv=None):
     tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
     rows, levels = reading_examples(cfg, tokenizer, os.path.join(cfg.data, cfg.train_file))
     train_set, train_levels, val_set = split_rows(rows, levels, cfg.val_rows)
-    model = LM(lm_config(cfg.preset, tokenizer.vocab_size))
+    model = initial_lm(cfg, tokenizer)
     training.print0(f"[base_lm] {len(train_set)} reading rows (levels {sorted(set(train_levels))}), "
+                    + (f"continuing {cfg.init}, " if cfg.init else "") +
                     f"{len(val_set)} val; schedule {cfg.level_steps} then the last level; params: {count_params(model)}")
     model.to(device)
     on_eval = probe_scorer(tokenizer, os.path.join(cfg.data, cfg.probe_file)) if cfg.probe_file else None

@@ -47,7 +47,7 @@ class TrainConfig(RunConfig):
     augment: bool = field(True, "flips / 90-degree rotations / stain jitter on training images")
     eval_every: int = field(100, "validation loss every N steps (0 = only at the end)")
     eval_batches: int = field(4, "validation micro-batches per evaluation")
-    reading_file: str = field("", "stage 0's reading conversations to mix in, text only (relative to --data; '' = none)")
+    reading_file: str = field("", "stage 0's reading conversations to mix in, text only (relative to --data; comma-separated list allowed; '' = none)")
     reading_ratio: float = field(0.1, "fraction of training rows that are --reading_file rows")
     group_by_length: int = field(0, "batch rows of like length together, sorting within runs of N batches "
                                     "(0 = plain shuffle); fewer pad tokens when lengths vary")

@@ -5,6 +5,7 @@ holding the same LM identically.
     python -m pytest -q tests/test_base_lm.py
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -66,6 +67,38 @@ def test_lm_init_refuses_another_vocabulary(base, tmp_path):
                            "--out_dir", str(tmp_path / "o"), "--max_steps", "1"], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "vocabulary" in proc.stderr.splitlines()[-1]
+
+
+def second_phase(world, init, out, *extra):
+    cmd = [sys.executable, "-m", "nanopatho.base_lm", "--data", world["data"], "--out_dir", str(out), "--device", "cpu",
+           "--num_threads", "1", "--init", str(init), "--train_file", "reading_near.jsonl", "--level_steps", "1",
+           "--max_steps", "2", "--batch_size", "4", "--val_rows", "4", "--eval_every", "2", "--eval_batches", "1",
+           "--warmup_steps", "1", "--max_seq_len", "512", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+
+
+def test_second_phase_continues_the_first(base, tmp_path):
+    """--init starts from the given LM: at lr 0 the second phase's LM is the first's, tensor for tensor;
+    at the preset's lr it moves away from it."""
+    world, out, _ = base
+    first, _, _ = checkpoint.load(out, expect="lm")
+    for lr, same in (("0", True), ("1e-3", False)):
+        proc = second_phase(world, out, tmp_path / lr, "--lr", lr)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"continuing {out}" in proc.stdout
+        second, _, _ = checkpoint.load(str(tmp_path / lr), expect="lm")
+        equal = [torch.equal(second.state_dict()[k], v) for k, v in first.state_dict().items()]
+        assert all(equal) if same else not all(equal)
+
+
+def test_second_phase_refuses_another_vocabulary(base, tmp_path):
+    world, out, _ = base
+    lm, _, tokenizer = checkpoint.load(out, expect="lm")
+    from nanopatho.lm import LM
+    other = LM(dataclasses.replace(lm.config, vocab_size=lm.config.vocab_size + 7))
+    checkpoint.save_model(str(tmp_path / "other"), other, tokenizer)
+    proc = second_phase(world, tmp_path / "other", tmp_path / "o")
+    assert proc.returncode != 0 and "--init" in proc.stderr.splitlines()[-1] and "vocabulary" in proc.stderr.splitlines()[-1]
 
 
 def test_probe_scores_an_lm_and_its_vlm_alike(base):

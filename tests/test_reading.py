@@ -171,6 +171,16 @@ def test_curriculum_sampler_levels_replay_and_determinism():
     assert all(levels[i] < 2 for i in at_two[6:])
 
 
+def test_curriculum_sampler_walks_the_levels_a_file_holds():
+    """reading_near.jsonl holds levels 1 and 2 only: the first level_steps[0] steps draw level 1, then
+    level 2 with level 1 replayed."""
+    levels = [1] * 10 + [2] * 10
+    sample = base_lm.curriculum_sampler(_Cfg, levels)
+    assert all(levels[i] == 1 for s in (0, 1) for i in sample(s, 0))
+    at_two = sample(2, 0)
+    assert [levels[i] for i in at_two] == [2] * 6 + [1] * 2
+
+
 def test_level0_drills_answer_in_one_terse_reply():
     rng = np.random.default_rng(8)
     for _ in range(100):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole Patho-R1 recipe on a laptop, end to end:
-#   set-up -> SynthPath (+ tokenizer) -> stage 0 base LM and base vision tower (once, shared by every seed) -> PathoCLIP
+#   set-up -> SynthPath (+ tokenizer) -> stage 0 base LM (two phases) and base vision tower (once, shared by
+#   every seed) -> PathoCLIP
 #   -> stage 1 pretrain (continues the base LM) -> stage 2 SFT -> stage 3 RL twice from the same
 #   SFT model (GRPO, DAPO) -> evaluation -> out/report.md
 #
@@ -71,14 +72,23 @@ fi
 # ---------------------------------------------------------------- stage 0: the base LM, shared by every seed
 # (at real scale a released LM plays this part: train_pretrain.py --lm_init <its directory>)
 stage base_lm "$OUT/base_lm.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" --out_dir "$OUT/base_lm"
-$PYTHON -m nanopatho.diagnose --ckpt "$OUT/base_lm" --data "$DATA" --probe reading_probe.jsonl \
-  --out "$OUT/base_lm/diagnose.json" > "$OUT/diagnose_base_lm.log" 2>&1
+# second phase: the option walk on options that share a word ("mild pleomorphism", "marked pleomorphism")
+stage base_lm_near "$OUT/base_lm_near.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" \
+  --init "$OUT/base_lm" --train_file reading_near.jsonl --level_steps 200 --max_steps 600 --out_dir "$OUT/base_lm_near"
+for CK in base_lm base_lm_near; do
+  $PYTHON -m nanopatho.diagnose --ckpt "$OUT/$CK" --data "$DATA" --probe reading_probe.jsonl \
+    --out "$OUT/$CK/diagnose.json" > "$OUT/diagnose_$CK.log" 2>&1
+done
 
 # ---------------------------------------------------------------- stage 0v: the base vision tower, shared by every seed
 # (toy only: a ViT supervised on the world's attribute labels over freshly rendered tumour tiles; at real scale a
 # released pathology tower plays this part: train_clip.py --vision_init <its directory>)
 CLIP_INIT=()
+RL_TYPES=()
 if [ "$PRESET" = toy ]; then
+  # RL on the question types the toy SFT model reads from the image, plus a share of tissue questions so
+  # its option walk stays: mitoses and grade groups reward noise (issue-15 notes, sessions 13-14)
+  RL_TYPES=(--types glands,pleomorphism,tissue:165 --max_steps 180)
   stage base_vision "$OUT/base_vision.log" $PYTHON -m data.synthpath.perception --n_train 4000 --steps 1500 \
     --out_dir "$OUT/base_vision"
   CLIP_INIT=(--vision_init "$OUT/base_vision")
@@ -90,12 +100,15 @@ for SEED in ${SEEDS//,/ }; do
   mkdir -p "$O"
   common=(--preset "$PRESET" --data "$DATA" --seed "$SEED")
   stage clip "$O/clip.log" $PYTHON train_clip.py "${common[@]}" "${CLIP_INIT[@]}" --out_dir "$O/clip"
-  stage pretrain "$O/pretrain.log" $PYTHON train_pretrain.py "${common[@]}" --vision_init "$O/clip" --lm_init "$OUT/base_lm" \
-    --reading_file reading_train.jsonl --out_dir "$O/pretrain"
-  stage sft "$O/sft.log" $PYTHON train_sft.py "${common[@]}" --init "$O/pretrain" --reading_file reading_train.jsonl \
-    --out_dir "$O/sft"
-  stage rl_grpo "$O/rl_grpo.log" $PYTHON train_rl.py "${common[@]}" --algo grpo --init "$O/sft" --out_dir "$O/rl_grpo"
-  stage rl_dapo "$O/rl_dapo.log" $PYTHON train_rl.py "${common[@]}" --algo dapo --init "$O/sft" --out_dir "$O/rl_dapo"
+  stage pretrain "$O/pretrain.log" $PYTHON train_pretrain.py "${common[@]}" --vision_init "$O/clip" \
+    --lm_init "$OUT/base_lm_near" --train_file captions_train.jsonl,captions_findings.jsonl --pooled_token \
+    --reading_file reading_train.jsonl,reading_near.jsonl --out_dir "$O/pretrain"
+  stage sft "$O/sft.log" $PYTHON train_sft.py "${common[@]}" --init "$O/pretrain" --train_file sft_train.jsonl,sft_tumour.jsonl \
+    --reading_file reading_train.jsonl,reading_near.jsonl --out_dir "$O/sft"
+  stage rl_grpo "$O/rl_grpo.log" $PYTHON train_rl.py "${common[@]}" --algo grpo --init "$O/sft" "${RL_TYPES[@]}" \
+    --out_dir "$O/rl_grpo"
+  stage rl_dapo "$O/rl_dapo.log" $PYTHON train_rl.py "${common[@]}" --algo dapo --init "$O/sft" "${RL_TYPES[@]}" \
+    --out_dir "$O/rl_dapo"
   for CK in pretrain sft rl_grpo rl_dapo; do
     $PYTHON -m nanopatho.evaluate --ckpt "$O/$CK" --data "$DATA" --tasks mcq,vqa --max_new_tokens 256 > "$O/eval_$CK.log" 2>&1
     echo "[eval] $CK: $(grep -E '^mcq +accuracy +[0-9]' "$O/eval_$CK.log" | tr -s ' ')"

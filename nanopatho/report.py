@@ -101,6 +101,7 @@ def collect(out, seeds):
     report["sft_token_roles"] = token_roles(out, seeds)
     report["reading_probe"] = reading_probe(out, seeds)
     report["base_lm_seconds"] = stage_seconds(out, None).get("base_lm")
+    report["base_lm_near_seconds"] = stage_seconds(out, None).get("base_lm_near")
     report["tower_perception"] = tower_perception(out, seeds)
     report["base_vision_seconds"] = stage_seconds(out, None).get("base_vision")
     return report
@@ -203,17 +204,19 @@ def tower_markdown(tower, base_seconds):
     return "\n".join(lines)
 
 
-PROBE_STAGES = [("base_lm", "stage 0 base LM"), ("pretrain", "stage 1 pretrain"), ("sft", "stage 2 SFT")]
+PROBE_STAGES = [("base_lm", "stage 0 base LM"), ("base_lm_near", "stage 0, second phase (options that share a word)"),
+                ("pretrain", "stage 1 pretrain"), ("sft", "stage 2 SFT")]
+SHARED_STAGES = ("base_lm", "base_lm_near")  # trained once, in out/<stage>/
 PROBE_SKILLS = [("copy", "option text copied top-1"), ("check", "option check top-1"), ("option", "answer letter top-1"),
                 ("same", "same-or-different top-1")]
 
 
 def reading_probe(out, seeds):
     """{stage: {skill: summary of top-1}} of the reading probe (held-out names), from diagnose.json files.
-    Stage 0 is trained once and shared by every seed: its row is one run."""
+    Stage 0 is trained once and shared by every seed: its rows are one run each."""
     result = {}
     for stage, _ in PROBE_STAGES:
-        paths = [os.path.join(out, "base_lm", "diagnose.json")] if stage == "base_lm" else \
+        paths = [os.path.join(out, stage, "diagnose.json")] if stage in SHARED_STAGES else \
             [os.path.join(out, f"seed{s}", stage, "diagnose.json") for s in seeds]
         runs = [dig(read_json(p), ("probe",)) for p in paths]
         result[stage] = {skill: summarise([dig(r, (skill, "top1")) for r in runs]) for skill, _ in PROBE_SKILLS}
@@ -222,19 +225,26 @@ def reading_probe(out, seeds):
     return result
 
 
-def probe_markdown(probe, base_seconds):
-    """The reading probe per stage, beside chance: does the LM still read after each stage?"""
+def probe_markdown(probe, shared_seconds):
+    """The reading probe per stage, beside chance: does the LM still read after each stage? A stage
+    that has no diagnose.json (a run without stage 0's second phase) has no row."""
     if not probe or not any(probe[st][sk] for st, _ in PROBE_STAGES for sk, _ in PROBE_SKILLS):
         return ""
     lines = ["| reading probe (names never trained on) | " + " | ".join(label for _, label in PROBE_SKILLS) + " |",
              "|---|" + "---|" * len(PROBE_SKILLS)]
     for stage, label in PROBE_STAGES:
-        if stage == "base_lm" and base_seconds is not None:
-            label += f" (trained once, {base_seconds:.0f} s)"
+        if not any(probe[stage][sk] for sk, _ in PROBE_SKILLS):
+            continue
+        if shared_seconds.get(stage) is not None:
+            label += f" (trained once, {shared_seconds[stage]:.0f} s)"
         lines.append(f"| {label} | " + " | ".join(fmt(probe[stage][sk]) for sk, _ in PROBE_SKILLS) + " |")
     chance = next((probe[st]["chance"] for st, _ in PROBE_STAGES if any(probe[st]["chance"].values())), {})
     lines.append("| chance | " + " | ".join(fmt_chance(chance.get(sk)) for sk, _ in PROBE_SKILLS) + " |")
     return "\n".join(lines)
+
+
+def shared_seconds(report):
+    return {stage: report.get(f"{stage}_seconds") for stage in SHARED_STAGES}
 
 
 def token_roles(out, seeds):
@@ -316,8 +326,10 @@ def reading_claims(report, sft_mcq, sft_closed, closed_chance):
     if sft_closed is not None:
         out.append(("SFT closed-VQA accuracy >= 0.70", sft_closed >= 0.70,
                     f"{sft_closed:.3f} vs chance {fmt_chance(closed_chance)}"))
-    probe = (report.get("reading_probe") or {}).get("base_lm") or {}
-    for skill, target in (("copy", 0.9), ("check", 0.8), ("option", 0.9), ("same", 0.8)):
+    probes = report.get("reading_probe") or {}
+    probe = next((probes[st] for st in ("base_lm_near", "base_lm") if any((probes.get(st) or {}).get(sk)
+                                                                        for sk, _ in PROBE_SKILLS)), {})
+    for skill, target in (("copy", 0.9), ("check", 0.8), ("option", 0.9), ("same", 0.8)):  # the LM stage 1 continues
         if probe.get(skill):
             out.append((f"stage 0 base LM reads: probe {skill} top-1 >= {target} on names never trained on",
                         probe[skill]["mean"] >= target, f"{probe[skill]['mean']:.3f} (chance "
@@ -428,7 +440,7 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     if roles:
         parts += ["\nWhere the SFT model's loss sits, on SFT held-out conversations (`python -m nanopatho.diagnose`):\n",
                   roles]
-    probe = probe_markdown(report.get("reading_probe"), report.get("base_lm_seconds"))
+    probe = probe_markdown(report.get("reading_probe"), shared_seconds(report))
     if probe:
         parts += ["\nThe reading probe (`python -m nanopatho.diagnose --probe reading_probe.jsonl`): held-out option "
                   "walks (copy, check, letter) and same-or-different judgements on names no stage ever trained on, teacher-forced:\n", probe]
@@ -488,7 +500,7 @@ def main(argv=None):
                               walk_markdown(report["mcq_walk"]), clip_table,
                               tower_markdown(report["tower_perception"], report["base_vision_seconds"]),
                               roles_markdown(report["sft_token_roles"]),
-                              probe_markdown(report["reading_probe"], report["base_lm_seconds"])) if t]
+                              probe_markdown(report["reading_probe"], shared_seconds(report))) if t]
         rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, commit {info['commit']}, "
                        f"preset {args.preset}, seeds {args.seeds}, {info['cpus']} CPUs, torch {info['torch']}):\n\n" +
                        "\n\n".join(tables) + "\n\n" +

@@ -101,8 +101,9 @@ def test_reading_probe_table_and_claims(tmp_path):
     assert r["reading_probe"]["base_lm"]["option"]["n"] == 1  # shared: one run, not one per seed
     assert r["reading_probe"]["pretrain"]["option"]["mean"] == pytest.approx(0.7)
     assert r["reading_probe"]["sft"]["option"]["mean"] == pytest.approx(0.6)
-    table = report.probe_markdown(r["reading_probe"], r["base_lm_seconds"])
+    table = report.probe_markdown(r["reading_probe"], report.shared_seconds(r))
     assert "| stage 0 base LM (trained once, 321 s) | 0.970 | 0.750 | 0.950 | 0.700 |" in table
+    assert "second phase" not in table  # no diagnose.json: no row
     assert "| stage 1 pretrain | — | — | 0.700 ± 0.100 | 0.700 ± 0.100 |" in table
     assert "| chance | — | 0.500 | 0.250 | 0.500 |" in table
     claims = {c: ok for c, ok, _ in report.claims(r)}
@@ -118,7 +119,23 @@ def test_reading_probe_table_and_claims(tmp_path):
 
 def test_no_probe_files_means_no_probe_table(tmp_path):
     r = report.collect(str(tmp_path), [0])
-    assert report.probe_markdown(r["reading_probe"], None) == ""
+    assert report.probe_markdown(r["reading_probe"], {}) == ""
+
+
+def test_second_phase_row_and_the_claims_read_the_lm_stage_1_continues(tmp_path):
+    out = str(tmp_path)
+    probe_file(os.path.join(out, "base_lm", "diagnose.json"), option=0.95, same=0.70, copy=0.97, check=0.75)
+    probe_file(os.path.join(out, "base_lm_near", "diagnose.json"), option=0.85, same=0.90, copy=0.99, check=0.95)
+    with open(os.path.join(out, "times.jsonl"), "w") as f:
+        f.write(json.dumps({"stage": "base_lm", "seconds": 321}) + "\n")
+        f.write(json.dumps({"stage": "base_lm_near", "seconds": 123}) + "\n")
+    r = report.collect(out, [0])
+    table = report.probe_markdown(r["reading_probe"], report.shared_seconds(r))
+    assert "| stage 0 base LM (trained once, 321 s) | 0.970 | 0.750 | 0.950 | 0.700 |" in table
+    assert "| stage 0, second phase (options that share a word) (trained once, 123 s) | 0.990 | 0.950 | 0.850 | 0.900 |" in table
+    claims = {c: ok for c, ok, _ in report.claims(r)}
+    assert claims["stage 0 base LM reads: probe option top-1 >= 0.9 on names never trained on"] is False  # 0.85
+    assert claims["stage 0 base LM reads: probe same top-1 >= 0.8 on names never trained on"] is True   # 0.90
 
 
 def test_mcq_by_type_table_and_headroom(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ import torch
 from nanopatho import dist, hf_import, stream, training
 from nanopatho.config import field, parse_config, to_dict
 from nanopatho.data import image_tensor, load_pairs, load_records, preload_images
-from nanopatho.next_token import Examples, TrainConfig, collate_rows, mix_text, reading_seqs, train
+from nanopatho.next_token import Examples, TrainConfig, collate_rows, manifest_paths, mix_text, reading_rows, train
 from nanopatho.presets import count_params, vlm_config
 from nanopatho.tokenizer import Tokenizer
 from nanopatho.vlm import VLM
@@ -75,11 +75,6 @@ PRESETS = {
 
 def resolve(cfg, name):
     return name if not name or os.path.isabs(name) else os.path.join(cfg.data, name)
-
-
-def manifests(cfg, names):
-    """A comma-separated --train_file / --reading_file -> each manifest's path, in the listed order."""
-    return [resolve(cfg, name) for name in names.split(",")]
 
 
 def caption_prefix(cfg, tokenizer, n_image_tokens):
@@ -177,11 +172,6 @@ def textbook_examples(cfg, tokenizer, path):
     return seqs, skipped
 
 
-def reading_rows(cfg, tokenizer):
-    """Stage 0's reading rows of every --reading_file manifest, file by file (text only)."""
-    return [seq for path in manifests(cfg, cfg.reading_file) for seq in reading_seqs(tokenizer, path, cfg.max_seq_len)]
-
-
 def empty_examples(size):
     return Examples([], [], torch.zeros(0, 3, size, size, dtype=torch.uint8))
 
@@ -276,8 +266,8 @@ def main(argv=None):
             training.fail("--reading_file mixes into the preloaded pairs; it does not combine with --stream")
         train_set, val_set, bad = streamed_data(cfg, tokenizer, model, size)
     else:
-        train_caps, bad_train = caption_examples(cfg, tokenizer, model.n_image_tokens, manifests(cfg, cfg.train_file),
-                                                 size)
+        train_caps, bad_train = caption_examples(cfg, tokenizer, model.n_image_tokens,
+                                                 manifest_paths(cfg.data, cfg.train_file), size)
         use_text = not cfg.freeze_lm  # text-only rows would train nothing but the (frozen) LM
         textbook, bad_text = textbook_examples(cfg, tokenizer, resolve(cfg, cfg.textbook_file)) \
             if cfg.textbook_file and use_text else ([], 0)

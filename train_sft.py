@@ -20,7 +20,6 @@ order), of which the first eval_batches * batch_size * world are read for the va
 """
 
 import dataclasses
-import os
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ import torch
 from nanopatho import checkpoint, dist, stream, training
 from nanopatho.config import field, parse_config, to_dict
 from nanopatho.data import DataError, image_tensor, load_conversations, preload_images
-from nanopatho.next_token import Examples, TrainConfig, collate_rows, mix_text, reading_seqs, train
+from nanopatho.next_token import Examples, TrainConfig, collate_rows, manifest_paths, mix_text, reading_rows, train
 from nanopatho.presets import count_params
 
 
@@ -64,11 +63,6 @@ def render(cfg, tokenizer, conv, n_image_tokens):
     return ids, mask
 
 
-def manifests(cfg, names):
-    """A comma-separated --train_file / --reading_file -> each manifest's path (relative to --data unless absolute)."""
-    return [name if os.path.isabs(name) else os.path.join(cfg.data, name) for name in names.split(",")]
-
-
 def read_conversations(cfg, paths):
     """The conversations of every manifest in `paths`, file by file in that order -> (conversations, n_skipped)."""
     convs, skipped = [], 0
@@ -78,11 +72,6 @@ def read_conversations(cfg, paths):
         convs += file_convs
         skipped += file_skipped
     return convs, skipped
-
-
-def reading_rows(cfg, tokenizer):
-    """Stage 0's reading rows of every --reading_file manifest, file by file (text only)."""
-    return [seq for path in manifests(cfg, cfg.reading_file) for seq in reading_seqs(tokenizer, path, cfg.max_seq_len)]
 
 
 def held_out(cfg, n):
@@ -95,7 +84,7 @@ def conversation_examples(cfg, tokenizer, n_image_tokens, image_size, convs=None
     convs: these conversations, all held out (--stream's validation rows), instead of the manifests'."""
     skipped, val_only = 0, convs is not None
     if convs is None:
-        convs, skipped = read_conversations(cfg, manifests(cfg, cfg.train_file))
+        convs, skipped = read_conversations(cfg, manifest_paths(cfg.data, cfg.train_file))
     with_image = [{"image": c["images"][0], "source": c["source"]} for c in convs if c["images"]]
     images, kept, bad = preload_images(with_image, image_size, skip_bad=cfg.skip_bad_samples, desc="sft images")
     slot = {item["source"]: i for i, item in enumerate(kept)}
@@ -137,7 +126,7 @@ def conversation_stream(cfg, tokenizer, n_image_tokens, image_size):
     if "," in cfg.train_file:
         training.fail(f"--train_file {cfg.train_file}: --stream reads a single manifest; a comma-separated list "
                       f"needs the preloaded path (drop --stream)")
-    (path,) = manifests(cfg, cfg.train_file)
+    (path,) = manifest_paths(cfg.data, cfg.train_file)
     source = stream.open_conversations(path, allow_outside_root=cfg.allow_outside_root)
     is_val = np.array([held_out(cfg, n) for n in range(len(source))], dtype=bool)
     n_val = cfg.eval_batches * cfg.batch_size * dist.world_size()  # all that validation_loss reads

@@ -17,6 +17,7 @@ gradient of one large batch (tests/test_next_token.py checks this).
 """
 
 import dataclasses
+import os
 import time
 
 import torch
@@ -47,7 +48,8 @@ class TrainConfig(RunConfig):
     augment: bool = field(True, "flips / 90-degree rotations / stain jitter on training images")
     eval_every: int = field(100, "validation loss every N steps (0 = only at the end)")
     eval_batches: int = field(4, "validation micro-batches per evaluation")
-    reading_file: str = field("", "stage 0's reading conversations to mix in, text only (relative to --data; comma-separated list allowed; '' = none)")
+    reading_file: str = field("", "stage 0's reading conversations to mix in, text only (relative to --data; "
+                                  "comma-separated list allowed; '' = none)")
     reading_ratio: float = field(0.1, "fraction of training rows that are --reading_file rows")
     group_by_length: int = field(0, "batch rows of like length together, sorting within runs of N batches "
                                     "(0 = plain shuffle); fewer pad tokens when lengths vary")
@@ -65,6 +67,18 @@ def mix_text(examples, text_seqs, ratio, subsample=False):
     else:
         extra = text_seqs * max(1, round(wanted / len(text_seqs)))
     return Examples(examples.seqs + extra, examples.image_index + [-1] * len(extra), examples.images)
+
+
+def manifest_paths(data, names):
+    """A comma-separated file flag ("sft_train.jsonl,sft_tumour.jsonl") -> each file's path, relative to
+    `data` unless absolute, in the listed order."""
+    return [name if os.path.isabs(name) else os.path.join(data, name) for name in names.split(",")]
+
+
+def reading_rows(cfg, tokenizer):
+    """The reading rows of every --reading_file manifest, file by file (stages 1 and 2 mix them in)."""
+    return [seq for path in manifest_paths(cfg.data, cfg.reading_file)
+            for seq in reading_seqs(tokenizer, path, cfg.max_seq_len)]
 
 
 def reading_seqs(tokenizer, path, max_seq_len):

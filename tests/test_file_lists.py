@@ -54,7 +54,7 @@ def captions(tmp_path):
 
 def pretrain_examples(data, names, tok):
     cfg = train_pretrain.Config(data=str(data), train_file=names, max_seq_len=32)
-    return train_pretrain.caption_examples(cfg, tok, N_IMAGE_TOKENS, train_pretrain.manifests(cfg, names), SIZE)
+    return train_pretrain.caption_examples(cfg, tok, N_IMAGE_TOKENS, train_pretrain.manifest_paths(cfg.data, names), SIZE)
 
 
 def test_pretrain_two_caption_files_are_read_in_order(captions, tok):

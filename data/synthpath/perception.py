@@ -46,17 +46,22 @@ ATTRIBUTES = {"mitoses": tuple(range(world.MAX_MITOSES + 1)), "pleomorphism": wo
               "gland_formation": world.GLANDS, "grade": ("low", "high")}
 
 
+def tumour_draws(seed, n, size):
+    """n fresh tumour tiles from world seed `seed`: uint8 (n, size, size, 3) and each tile's attributes dict."""
+    rng = np.random.default_rng(seed)
+    images, attrs = [], []
+    for _ in range(n):
+        attrs.append(world.sample_attributes(rng, "TUM"))
+        images.append(world.render(rng, "TUM", attrs[-1], size))  # (size, size, 3) uint8
+    return np.stack(images), attrs
+
+
 def tumour_tiles(seed, n, size):
     """n tumour tiles (n, 3, size, size) in [-1, 1] and their labels {attribute: (n,) class index}."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], {a: [] for a in ATTRIBUTES}
-    for _ in range(n):
-        attrs = world.sample_attributes(rng, "TUM")
-        images.append(world.render(rng, "TUM", attrs, size))  # (size, size, 3) uint8
-        for a, classes in ATTRIBUTES.items():
-            labels[a].append(classes.index(attrs[a]))
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, S, S)
-    return x, {a: torch.tensor(v) for a, v in labels.items()}
+    images, attrs = tumour_draws(seed, n, size)
+    labels = {a: torch.tensor([classes.index(t[a]) for t in attrs]) for a, classes in ATTRIBUTES.items()}
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, S, S)
+    return x, labels
 
 
 def heads_for(n_embd):

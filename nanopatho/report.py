@@ -171,19 +171,25 @@ def walk_markdown(walk):
 
 
 TOWER_ATTRIBUTES = [("mitoses", "mitotic count"), ("pleomorphism", "pleomorphism"),
-                    ("gland_formation", "gland formation"), ("grade", "grade")]
+                    ("gland_formation", "gland formation"), ("grade", "grade"), ("necrosis", "necrosis"),
+                    ("mucin", "mucin")]
 TOWER_ROWS = [("base_vision", "stage 0v tower, its supervised heads"), ("clip", "PathoCLIP, frozen linear probe"),
-              ("sft", "SFT VLM's tower, frozen linear probe")]
+              ("sft", "SFT VLM's tower, frozen linear probe"),
+              ("pretrain_says", "stage 1 LM says (findings readout)"), ("sft_says", "SFT LM says (findings readout)")]
 
 
 def tower_perception(out, seeds):
     """{row: {attribute: summary}} plus "majority": what the vision towers' features hold about the tumour
     attributes on held-out tiles. Stage 0v (out/base_vision/eval.json, trained once) scores its own heads at
-    the last step; the others are data/synthpath/perception.py --frozen probes (out/seed<k>/<stage>/perception.json)."""
+    the last step; clip and sft are data/synthpath/perception.py --frozen probes (out/seed<k>/<stage>/perception.json);
+    the "_says" rows are what the VLM's LM says on the same tiles (data/synthpath/readout.py, <stage>/readout.json)."""
     base = read_json(os.path.join(out, "base_vision", "eval.json"))
     probes = {st: [read_json(os.path.join(out, f"seed{s}", st, "perception.json")) for s in seeds] for st in ("clip", "sft")}
+    says = {st: [read_json(os.path.join(out, f"seed{s}", st, "readout.json")) for s in seeds] for st in ("pretrain", "sft")}
     runs = {"base_vision": [base["curve"][-1]] if base else [],
-            **{st: [dig(p, ("frozen",)) for p in files] for st, files in probes.items()}}
+            **{st: [dig(p, ("frozen",)) for p in files] for st, files in probes.items()},
+            **{f"{st}_says": [{a: dig(r, ("readout", a, "accuracy")) for a, _ in TOWER_ATTRIBUTES} for r in files]
+               for st, files in says.items()}}
     result = {row: {a: summarise([dig(r, (a,)) for r in runs[row]]) for a, _ in TOWER_ATTRIBUTES} for row, _ in TOWER_ROWS}
     any_file = next((p for files in probes.values() for p in files if p), None) or base or {}
     result["majority"] = any_file.get("majority", {})
@@ -191,12 +197,15 @@ def tower_perception(out, seeds):
 
 
 def tower_markdown(tower, base_seconds):
-    """Held-out accuracy of each tower's features on the tumour attributes, beside the majority class."""
+    """Held-out accuracy of each tower's features on the tumour attributes, then of what the LM says about them,
+    beside the majority class."""
     if not tower or not any(tower[row][a] for row, _ in TOWER_ROWS for a, _ in TOWER_ATTRIBUTES):
         return ""
-    lines = ["| what the vision tower sees (held-out tumour tiles) | " +
+    lines = ["| held-out tumour tiles: what the tower sees, what the LM says | " +
              " | ".join(label for _, label in TOWER_ATTRIBUTES) + " |", "|---|" + "---|" * len(TOWER_ATTRIBUTES)]
     for row, label in TOWER_ROWS:
+        if not any(tower[row][a] for a, _ in TOWER_ATTRIBUTES):  # e.g. a run from before the readout
+            continue
         if row == "base_vision" and base_seconds is not None:
             label += f" (trained once, {base_seconds:.0f} s)"
         lines.append(f"| {label} | " + " | ".join(fmt(tower[row][a]) for a, _ in TOWER_ATTRIBUTES) + " |")
@@ -447,7 +456,9 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
     tower = tower_markdown(report.get("tower_perception"), report.get("base_vision_seconds"))
     if tower:
         parts += ["\nWhat the vision towers' features hold about the tumour attributes the non-tissue MCQ types ask "
-                  "about (`python -m data.synthpath.perception`, fresh tiles no stage trained on):\n", tower]
+                  "about (`python -m data.synthpath.perception`, fresh tiles no stage trained on), and what the "
+                  "language model says about the same tiles after \"Tumour findings: <finding> is\" "
+                  "(`python -m data.synthpath.readout`):\n", tower]
     parts += ["\n## PathoCLIP\n", clip_table, "\n## Claims\n"]
     for text, ok, numbers in claim_rows:
         verdict = "info" if ok is None else ("PASS" if ok else "FAIL")

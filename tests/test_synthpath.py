@@ -341,6 +341,7 @@ def test_perception_probe_tiles_and_training():
     first = world.sample_attributes(rng, "TUM")
     assert y["mitoses"][0] == first["mitoses"] and world.PLEO[y["pleomorphism"][0]] == first["pleomorphism"]
     assert ("low", "high")[y["grade"][0]] == first["grade"] == world.tumour_grade(first)
+    assert bool(y["necrosis"][0]) == first["necrosis"] and bool(y["mucin"][0]) == first["mucin"]  # probe-only labels
     x_test, y_test = perception.tumour_tiles(1, 6, 32)
     vit = ViT(ViTConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=16))
     curve = perception.train(vit, x, y, x_test, y_test, steps=3, lr=1e-3, batch=4, eval_every=2, log=lambda s: None)
@@ -362,7 +363,7 @@ def test_perception_linear_probe_on_frozen_features():
             self.w = torch.nn.Parameter(torch.ones(1))
             self.table = {tuple(xi.flatten()[:8].tolist()): i for i, xi in enumerate(x)}
             self.onehot = torch.cat([torch.nn.functional.one_hot(y[a], len(c)).float()
-                                     for a, c in perception.ATTRIBUTES.items()], 1)  # (n, sum of classes)
+                                     for a, c in perception.PROBED.items()], 1)  # (n, sum of classes)
 
         def forward(self, x):
             idx = [self.table[tuple(xi.flatten()[:8].tolist())] for xi in x]
@@ -371,7 +372,7 @@ def test_perception_linear_probe_on_frozen_features():
     x, y = perception.tumour_tiles(0, 24, 16)
     tower = LabelTower(x, y)
     acc = perception.linear_probe(tower, x[:16], {a: v[:16] for a, v in y.items()}, x[16:], {a: v[16:] for a, v in y.items()})
-    assert set(acc) == set(perception.ATTRIBUTES) and all(v == 1.0 for v in acc.values())
+    assert set(acc) == set(perception.PROBED) > set(perception.ATTRIBUTES) and all(v == 1.0 for v in acc.values())
     assert tower.w.item() == 1.0 and tower.w.grad is None
 
 

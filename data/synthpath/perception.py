@@ -15,7 +15,9 @@ supervised ViT cannot learn here is beyond what captions, chains or rewards can 
 
 --frozen fits only the linear heads (L-BFGS logistic regression on the standardised pooled features) and
 leaves the tower as the checkpoint has it (a PathoCLIP or a VLM directory): it asks whether an earlier stage
-already put the attribute into the features, which is what stage 1, SFT and RL build on.
+already put the attribute into the features, which is what stage 1, SFT and RL build on. It also probes necrosis
+and mucin, which the grade MCQ and the findings captions name but no head is trained on. What the language model
+then says about the same tiles: data.synthpath.readout.
 
 --out_dir keeps the supervised tower as a ViT checkpoint (+ eval.json with its held-out curve): the toy's stand-in
 for the pretrained vision tower every real VLM starts from (train_clip.py --vision_init DIR). The speedrun trains it
@@ -43,7 +45,8 @@ from nanopatho.presets import clip_config
 from nanopatho.vit import ViT
 
 ATTRIBUTES = {"mitoses": tuple(range(world.MAX_MITOSES + 1)), "pleomorphism": world.PLEO,
-              "gland_formation": world.GLANDS, "grade": ("low", "high")}
+              "gland_formation": world.GLANDS, "grade": ("low", "high")}  # the supervised heads
+PROBED = {**ATTRIBUTES, "necrosis": (False, True), "mucin": (False, True)}  # + findings only the --frozen probe reads
 
 
 def tumour_draws(seed, n, size):
@@ -57,9 +60,9 @@ def tumour_draws(seed, n, size):
 
 
 def tumour_tiles(seed, n, size):
-    """n tumour tiles (n, 3, size, size) in [-1, 1] and their labels {attribute: (n,) class index}."""
+    """n tumour tiles (n, 3, size, size) in [-1, 1] and their labels {attribute of PROBED: (n,) class index}."""
     images, attrs = tumour_draws(seed, n, size)
-    labels = {a: torch.tensor([classes.index(t[a]) for t in attrs]) for a, classes in ATTRIBUTES.items()}
+    labels = {a: torch.tensor([classes.index(t[a]) for t in attrs]) for a, classes in PROBED.items()}
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, S, S)
     return x, labels
 
@@ -90,7 +93,7 @@ def linear_probe(vit, x, y, x_test, y_test, weight_decay=2e-3):
     mu, sd = f.mean(0), f.std(0) + 1e-6
     f, f_test = (f - mu) / sd, (f_test - mu) / sd
     acc = {}
-    for a, classes in ATTRIBUTES.items():
+    for a, classes in PROBED.items():
         W, b = fit_logistic_regression(f, y[a], len(classes), weight_decay, max_iter=300)  # (C, K), (K,)
         acc[a] = ((f_test.double() @ W + b).argmax(1) == y_test[a]).float().mean().item()
     return acc

@@ -119,15 +119,13 @@ for SEED in ${SEEDS//,/ }; do
       --out "$O/$CK/diagnose.json" > "$O/diagnose_$CK.log" 2>&1
   done
   # what the towers' features hold about the tumour attributes (linear heads on frozen features, fresh tiles),
-  # and what the LM says about the same tiles after "Tumour findings: <finding> is"
+  # and what the stage-1 LM says about the same tiles after "Tumour findings: <finding> is"
   if [ "$PRESET" = toy ]; then
     for CK in clip sft; do
       $PYTHON -m data.synthpath.perception --init "$O/$CK" --frozen --out "$O/$CK/perception.json" \
         > "$O/perception_$CK.log" 2>&1
     done
-    for CK in pretrain sft; do
-      $PYTHON -m data.synthpath.readout --ckpt "$O/$CK" --out "$O/$CK/readout.json" > "$O/readout_$CK.log" 2>&1
-    done
+    $PYTHON -m data.synthpath.readout --ckpt "$O/pretrain" --out "$O/pretrain/readout.json" > "$O/readout_pretrain.log" 2>&1
   fi
 done
 

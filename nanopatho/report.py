@@ -174,18 +174,18 @@ TOWER_ATTRIBUTES = [("mitoses", "mitotic count"), ("pleomorphism", "pleomorphism
                     ("gland_formation", "gland formation"), ("grade", "grade"), ("necrosis", "necrosis"),
                     ("mucin", "mucin")]
 TOWER_ROWS = [("base_vision", "stage 0v tower, its supervised heads"), ("clip", "PathoCLIP, frozen linear probe"),
-              ("sft", "SFT VLM's tower, frozen linear probe"),
-              ("pretrain_says", "stage 1 LM says (findings readout)"), ("sft_says", "SFT LM says (findings readout)")]
+              ("sft", "SFT VLM's tower, frozen linear probe"), ("pretrain_says", "stage 1 LM says (findings readout)")]
 
 
 def tower_perception(out, seeds):
     """{row: {attribute: summary}} plus "majority": what the vision towers' features hold about the tumour
     attributes on held-out tiles. Stage 0v (out/base_vision/eval.json, trained once) scores its own heads at
     the last step; clip and sft are data/synthpath/perception.py --frozen probes (out/seed<k>/<stage>/perception.json);
-    the "_says" rows are what the VLM's LM says on the same tiles (data/synthpath/readout.py, <stage>/readout.json)."""
+    "pretrain_says" is what the stage-1 LM says on the same tiles (data/synthpath/readout.py, pretrain/readout.json;
+    SFT and RL answer in the chat format, not the captions')."""
     base = read_json(os.path.join(out, "base_vision", "eval.json"))
     probes = {st: [read_json(os.path.join(out, f"seed{s}", st, "perception.json")) for s in seeds] for st in ("clip", "sft")}
-    says = {st: [read_json(os.path.join(out, f"seed{s}", st, "readout.json")) for s in seeds] for st in ("pretrain", "sft")}
+    says = {st: [read_json(os.path.join(out, f"seed{s}", st, "readout.json")) for s in seeds] for st in ("pretrain",)}
     runs = {"base_vision": [base["curve"][-1]] if base else [],
             **{st: [dig(p, ("frozen",)) for p in files] for st, files in probes.items()},
             **{f"{st}_says": [{a: dig(r, ("readout", a, "accuracy")) for a, _ in TOWER_ATTRIBUTES} for r in files]

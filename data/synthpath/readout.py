@@ -11,8 +11,8 @@ and every level word of the finding ("0" ... "4") is scored by its log-likelihoo
 The most likely word is the LM's reading of the tile. Where the probe reads an attribute and the LM does
 not, the loss is between the tower and the words (projector, stage 1), not in the pixels.
 
-    python -m data.synthpath.readout --ckpt out/seed0/pretrain                  # stage 1, 600 tiles, ~1 min
-    python -m data.synthpath.readout --ckpt out/seed0/sft --out readout.json    # SFT, off its chat format
+    python -m data.synthpath.readout --ckpt out/seed0/pretrain                  # stage 1, 600 tiles, ~20 s
+    python -m data.synthpath.readout --ckpt out/seed0/pretrain --n 300 --out readout.json
 
 Tiles: the --n held-out tiles of perception.py (world seed 200, the same draws), never in any training file.
 Beside each accuracy: chance (1 / levels) and the majority level of these tiles, the score of a model that
@@ -110,7 +110,7 @@ def format_table(result):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a VLM checkpoint directory (stage 1, SFT or RL)")
+    p.add_argument("--ckpt", required=True, help="a VLM checkpoint directory; the prompt is stage 1's findings-caption format")
     p.add_argument("--n", type=int, default=600, help="held-out tumour tiles (perception.py's, world seed 200)")
     p.add_argument("--batch_size", type=int, default=100, help="tiles per forward")
     p.add_argument("--out", default=None, help="also write the table as JSON here")

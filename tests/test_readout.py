@@ -42,10 +42,12 @@ def test_readout_stats_hand_case():
 
 
 def test_tiles_are_perceptions_held_out_draws():
+    from nanopatho.data import to_float
+
     images, attrs = perception.tumour_draws(200, 6, 32)
     x, labels = perception.tumour_tiles(200, 6, 32)
     assert images.shape == (6, 32, 32, 3) and images.dtype.name == "uint8"
-    assert torch.equal(x, torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    assert torch.equal(x, to_float(torch.from_numpy(images).permute(0, 3, 1, 2)))  # as train_clip / the VLM see it
     for a, classes in perception.ATTRIBUTES.items():
         assert labels[a].tolist() == [classes.index(t[a]) for t in attrs]
     other, _ = perception.tumour_draws(201, 6, 32)

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.synthpath import world
+from nanopatho.data import to_float
 from nanopatho.presets import clip_config
 from nanopatho.vit import ViT
 
@@ -60,11 +61,11 @@ def tumour_draws(seed, n, size):
 
 
 def tumour_tiles(seed, n, size):
-    """n tumour tiles (n, 3, size, size) in [-1, 1] and their labels {attribute of PROBED: (n,) class index}."""
+    """n tumour tiles (n, 3, size, size), normalised as every stage feeds its tower (data.to_float), and their
+    labels {attribute of PROBED: (n,) class index}."""
     images, attrs = tumour_draws(seed, n, size)
     labels = {a: torch.tensor([classes.index(t[a]) for t in attrs]) for a, classes in PROBED.items()}
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, S, S)
-    return x, labels
+    return to_float(torch.from_numpy(images).permute(0, 3, 1, 2)), labels  # (n, 3, S, S)
 
 
 def heads_for(n_embd):

@@ -107,7 +107,7 @@ def test_perception_out_dir_writes_a_tower_train_clip_can_start_from(tmp_path):
     assert all(set(row) == {"step", *perception.ATTRIBUTES} for row in report["curve"])
     assert all(0 <= row[a] <= 1 and abs(row[a] * 20 - round(row[a] * 20)) < 1e-6
                for row in report["curve"] for a in perception.ATTRIBUTES)  # fractions of the 20 held-out tiles
-    assert set(report["majority"]) == set(perception.ATTRIBUTES)
+    assert set(report["majority"]) == set(perception.PROBED)  # the held-out tiles carry every probed label
     assert same_state(hf_import.load_vision(out), vit)
     # the frozen linear probe reads a 'vit' checkpoint too, and --out keeps its numbers
     probe = str(tmp_path / "frozen.json")
@@ -115,5 +115,5 @@ def test_perception_out_dir_writes_a_tower_train_clip_can_start_from(tmp_path):
                      "--out", probe])
     frozen = json.load(open(probe))
     assert frozen["tower"] == out and frozen["majority"] == report["majority"] and frozen["n_test"] == 20
-    assert set(frozen["frozen"]) == set(perception.ATTRIBUTES)
+    assert set(frozen["frozen"]) == set(perception.PROBED)  # the heads' attributes + necrosis and mucin
     assert all(abs(v * 20 - round(v * 20)) < 1e-6 for v in frozen["frozen"].values())

@@ -182,14 +182,13 @@ def tower_perception(out, seeds):
     attributes on held-out tiles. Stage 0v (out/base_vision/eval.json, trained once) scores its own heads at
     the last step; clip and sft are data/synthpath/perception.py --frozen probes (out/seed<k>/<stage>/perception.json);
     "pretrain_says" is what the stage-1 LM says on the same tiles (data/synthpath/readout.py, pretrain/readout.json;
-    SFT and RL answer in the chat format, not the captions')."""
+    SFT and RL answer in the chat format, not in the captions' one)."""
     base = read_json(os.path.join(out, "base_vision", "eval.json"))
     probes = {st: [read_json(os.path.join(out, f"seed{s}", st, "perception.json")) for s in seeds] for st in ("clip", "sft")}
-    says = {st: [read_json(os.path.join(out, f"seed{s}", st, "readout.json")) for s in seeds] for st in ("pretrain",)}
+    says = [read_json(os.path.join(out, f"seed{s}", "pretrain", "readout.json")) for s in seeds]
     runs = {"base_vision": [base["curve"][-1]] if base else [],
             **{st: [dig(p, ("frozen",)) for p in files] for st, files in probes.items()},
-            **{f"{st}_says": [{a: dig(r, ("readout", a, "accuracy")) for a, _ in TOWER_ATTRIBUTES} for r in files]
-               for st, files in says.items()}}
+            "pretrain_says": [{a: dig(r, ("readout", a, "accuracy")) for a, _ in TOWER_ATTRIBUTES} for r in says]}
     result = {row: {a: summarise([dig(r, (a,)) for r in runs[row]]) for a, _ in TOWER_ATTRIBUTES} for row, _ in TOWER_ROWS}
     any_file = next((p for files in probes.values() for p in files if p), None) or base or {}
     result["majority"] = any_file.get("majority", {})

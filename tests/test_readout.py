@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from data.synthpath import perception, readout
+from nanopatho.data import to_float
 
 
 def tiny_vlm(image_size=32):
@@ -42,8 +43,6 @@ def test_readout_stats_hand_case():
 
 
 def test_tiles_are_perceptions_held_out_draws():
-    from nanopatho.data import to_float
-
     images, attrs = perception.tumour_draws(200, 6, 32)
     x, labels = perception.tumour_tiles(200, 6, 32)
     assert images.shape == (6, 32, 32, 3) and images.dtype.name == "uint8"

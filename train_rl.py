@@ -231,16 +231,19 @@ def next_prompts(cfg, questions, step, rounds):
 
 def collect(cfg, model, tokenizer, questions, step, device):
     """Rollouts for one step. GRPO: one round. DAPO: keep informative groups, resample up to
-    max_gen_rounds rounds until prompts_per_step groups are kept, then train on what there is."""
-    kept, n_groups, n_kept, rounds = [], 0, 0, 0
+    max_gen_rounds rounds until prompts_per_step groups are kept, then train on what there is.
+    Logs `informative`, the share of sampled groups whose rewards differ: the others have zero
+    advantage and give GRPO no policy gradient (DAPO drops them)."""
+    kept, n_groups, n_kept, n_informative, rounds = [], 0, 0, 0, 0
     while rounds < max(1, cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
         items, images, idx = next_prompts(cfg, questions, step, rounds)
         gen = training.generator_for(cfg.seed, step, rounds, dist.rank())
         batch = rollout(cfg, model, tokenizer, items, images, idx, gen, device)
         rounds += 1
         n_groups += len(idx)
+        keep = rl.informative_groups(batch["reward"], cfg.group_size)  # (P,) bool: rewards not all equal
+        n_informative += int(keep.sum())
         if cfg.dynamic_sampling:
-            keep = rl.informative_groups(batch["reward"], cfg.group_size)  # (P,) bool
             batch = select_groups(batch, keep, cfg.group_size)
             kept.append(batch)
             n_kept += int(keep.sum())
@@ -252,7 +255,8 @@ def collect(cfg, model, tokenizer, questions, step, device):
     batch = cat_rollouts(kept)
     limit = min(n_kept, cfg.prompts_per_step) * cfg.group_size
     batch = {k: v[:limit] for k, v in batch.items()}
-    return batch, dict(gen_rounds=rounds, groups_sampled=n_groups, groups_kept=min(n_kept, cfg.prompts_per_step))
+    return batch, dict(gen_rounds=rounds, groups_sampled=n_groups, groups_kept=min(n_kept, cfg.prompts_per_step),
+                       informative=n_informative / max(n_groups, 1))
 
 
 # -----------------------------------------------------------------------------

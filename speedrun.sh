@@ -86,9 +86,10 @@ done
 CLIP_INIT=()
 RL_TYPES=()
 if [ "$PRESET" = toy ]; then
-  # RL on the question types the toy SFT model reads from the image, plus a share of tissue questions so
-  # its option walk stays: mitoses and grade groups reward noise (issue-15 notes, sessions 13-14)
-  RL_TYPES=(--types glands,pleomorphism,tissue:165 --max_steps 180)
+  # RL on every tumour question type, now that the SFT model reads each above chance, plus a share of tissue
+  # questions: RL on some types wore down the others (grade, mitoses), and 120 steps keep RL's time near
+  # what it was (issue-15 notes, session 17)
+  RL_TYPES=(--types glands,pleomorphism,mitoses,grade,tissue:165 --max_steps 120)
   stage base_vision "$OUT/base_vision.log" $PYTHON -m data.synthpath.perception --n_train 4000 --steps 1500 \
     --out_dir "$OUT/base_vision"
   CLIP_INIT=(--vision_init "$OUT/base_vision")

@@ -5,8 +5,8 @@
 #   -> stage 1 pretrain (continues the base LM) -> stage 2 SFT -> stage 3 RL twice from the same
 #   SFT model (GRPO, DAPO) -> evaluation -> out/report.md
 #
-#   bash speedrun.sh                      # toy preset, seed 0 (~54 min on 2 CPU cores: stage 0 ~10 + ~2, 0v ~5, the seed ~37)
-#   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report (~127 min)
+#   bash speedrun.sh                      # toy preset, seed 0 (~53 min on 2 CPU cores: stage 0 ~10 + ~2, 0v ~5, the seed ~35)
+#   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report (~124 min)
 #   bash speedrun.sh --preset small       # one GPU
 #   bash speedrun.sh --update_readme      # also rewrite README.md's results section from the report
 #   PYTHON=python3.11 OUT=out DATA=data/synthpath bash speedrun.sh

@@ -22,8 +22,6 @@ optimiser batch summed over micro-batches and ranks):
     loss.backward()
 """
 
-from typing import Callable, Sequence
-
 import torch
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -66,33 +64,6 @@ def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     is never kept. Returns bool (num_groups,)."""
     r = rewards.view(-1, group_size)                                # (G, n)
     return r.amax(dim=1) != r.amin(dim=1)
-
-
-def fill_batch(generate_round: Callable[[int], Sequence[tuple[torch.Tensor, object]]],
-               target_groups: int, max_rounds: int) -> tuple[list, dict]:
-    """DAPO dynamic sampling: keep informative groups over generation rounds until
-    target_groups are kept or max_rounds rounds have run, whichever comes first.
-
-    generate_round(round_index) -> [(rewards (group_size,), payload), ...] for new prompts.
-    Returns (payloads of kept groups, at most target_groups of them, in generation order;
-    info {"rounds", "groups_generated", "groups_kept", "frac_filtered"}). Groups kept beyond
-    the target are dropped (as DAPO/verl truncate to the train batch). The trainer then
-    trains on what there is, even fewer than the target, and logs it. Under DDP each rank
-    fills its own share: generation has no collectives, so ranks may stop at different rounds.
-    """
-    assert max_rounds >= 1 and target_groups >= 1, "need max_rounds >= 1 and target_groups >= 1"
-    kept, generated, rounds = [], 0, 0
-    while len(kept) < target_groups and rounds < max_rounds:
-        for group_rewards, payload in generate_round(rounds):
-            generated += 1
-            if bool(informative_groups(group_rewards.reshape(1, -1), group_rewards.numel())[0]):
-                kept.append(payload)
-        rounds += 1
-    informative = len(kept)
-    kept = kept[:target_groups]
-    info = {"rounds": rounds, "groups_generated": generated, "groups_kept": len(kept),
-            "frac_filtered": 1.0 - informative / generated if generated else 0.0}
-    return kept, info
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> torch.Tensor:

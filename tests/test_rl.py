@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from nanopatho.rl import (aggregate, clipped_token_loss, entropy_from_logits, fill_batch, group_advantages,
+from nanopatho.rl import (aggregate, clipped_token_loss, entropy_from_logits, group_advantages,
                           informative_groups, kl_k3, mask_truncated, overlong_penalty, policy_loss,
                           token_logprobs_torch)
 
@@ -76,23 +76,6 @@ def test_informative_groups_exact():
     r = torch.tensor([1, 1, 1, 0, 0, 0, 0, 1, 0.5, 0.5, 0.5, 0.5000001], dtype=torch.float64)
     assert informative_groups(r, 3).tolist() == [False, False, True, True]
     assert informative_groups(torch.tensor([1.0, 0.0]), 1).tolist() == [False, False]
-
-
-def test_fill_batch_stops_at_target_and_at_max_rounds():
-    informative, flat = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
-
-    def half_informative(round_index):                                  # 2 kept out of 4 per round
-        return [(informative, (round_index, 0)), (flat, None), (informative, (round_index, 2)), (flat, None)]
-
-    kept, info = fill_batch(half_informative, target_groups=3, max_rounds=10)
-    assert kept == [(0, 0), (0, 2), (1, 0)]                             # truncated to the target
-    assert info == {"rounds": 2, "groups_generated": 8, "groups_kept": 3, "frac_filtered": 0.5}
-
-    calls = []
-    kept, info = fill_batch(lambda i: calls.append(i) or [(flat, i)], target_groups=5, max_rounds=4)
-    assert kept == [] and calls == [0, 1, 2, 3] and info["rounds"] == 4 and info["frac_filtered"] == 1.0
-    kept, info = fill_batch(lambda i: [], target_groups=1, max_rounds=3)  # generator yields nothing
-    assert kept == [] and info["rounds"] == 3 and info["frac_filtered"] == 0.0
 
 
 def test_overlong_penalty_three_regions():

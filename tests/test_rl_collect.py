@@ -3,8 +3,10 @@
     python -m pytest -q tests/test_rl_collect.py
 
 rollout is replaced by a fake whose group rewards are fixed per round, so the bookkeeping is checked
-by hand: GRPO keeps every group of its one round, DAPO keeps the informative ones over rounds, and
-`informative` is the share of sampled groups whose rewards differ (all-equal groups have zero advantage).
+by hand: GRPO keeps every group of its one round; DAPO (dynamic sampling, §3.2) keeps the informative
+ones in order over rounds, stops once prompts_per_step are kept or after max_gen_rounds, cuts the batch
+to prompts_per_step groups and otherwise trains on what there is; `informative` is the share of sampled
+groups whose rewards differ (all-equal groups have zero advantage).
 """
 
 import types
@@ -19,17 +21,17 @@ ROUNDS = [[1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.0],   # round 0: groups flat, mi
           [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]]   # round 2: every group mixed
 
 
-def fake_rollout(cfg, model, tokenizer, items, images, indices, gen, device, calls):
-    r = torch.tensor(ROUNDS[len(calls)])  # (P*G,)
+def fake_rollout(cfg, model, tokenizer, items, images, indices, gen, device, calls, rounds):
+    r = torch.tensor(rounds[len(calls)])  # (P*G,)
     calls.append(list(indices))
     return dict(reward=r, row=torch.arange(len(r)) + 100 * len(calls))
 
 
-def run(monkeypatch, dynamic_sampling):
+def run(monkeypatch, dynamic_sampling, rounds=ROUNDS, max_gen_rounds=3):
     calls = []
-    monkeypatch.setattr(train_rl, "rollout", lambda *a: fake_rollout(*a, calls))
-    cfg = types.SimpleNamespace(group_size=G, prompts_per_step=4, dynamic_sampling=dynamic_sampling, max_gen_rounds=3,
-                                stream=False, seed=0)
+    monkeypatch.setattr(train_rl, "rollout", lambda *a: fake_rollout(*a, calls, rounds))
+    cfg = types.SimpleNamespace(group_size=G, prompts_per_step=4, dynamic_sampling=dynamic_sampling,
+                                max_gen_rounds=max_gen_rounds, stream=False, seed=0)
     questions = ([{}] * 16, None)
     batch, info = train_rl.collect(cfg, None, None, questions, step=0, device="cpu")
     return batch, info, calls
@@ -50,3 +52,20 @@ def test_dapo_fills_with_informative_groups_over_rounds(monkeypatch):
     assert info == dict(gen_rounds=3, groups_sampled=12, groups_kept=4, informative=7 / 12)
     flat = train_rl.rl.informative_groups(batch["reward"], G)
     assert flat.all()  # DAPO trains on no group of equal rewards
+
+
+def test_dapo_stops_once_the_batch_is_full(monkeypatch):
+    batch, info, calls = run(monkeypatch, dynamic_sampling=1, rounds=ROUNDS[1:], max_gen_rounds=10)
+    assert len(calls) == 2  # 2 informative groups after round 0, 6 after round 1 >= 4: no third round
+    assert batch["reward"].tolist() == [0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    assert info == dict(gen_rounds=2, groups_sampled=8, groups_kept=4, informative=6 / 8)
+
+
+def test_dapo_trains_on_what_there_is_after_max_gen_rounds(monkeypatch):
+    flat = [1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0]
+    batch, info, calls = run(monkeypatch, dynamic_sampling=1, rounds=[flat, ROUNDS[0], flat], max_gen_rounds=3)
+    assert len(calls) == 3
+    assert batch["reward"].tolist() == [0.0, 1.0]  # the one informative group of three rounds
+    assert info == dict(gen_rounds=3, groups_sampled=12, groups_kept=1, informative=1 / 12)
+    batch, info, calls = run(monkeypatch, dynamic_sampling=1, rounds=[flat, flat], max_gen_rounds=2)
+    assert batch["reward"].numel() == 0 and info["groups_kept"] == 0 and info["informative"] == 0.0

@@ -234,7 +234,7 @@ def collect(cfg, model, tokenizer, questions, step, device):
     max_gen_rounds rounds until prompts_per_step groups are kept, then train on what there is.
     Logs `informative`, the share of sampled groups whose rewards differ: the others have zero
     advantage and give GRPO no policy gradient (DAPO drops them)."""
-    kept, n_groups, n_kept, n_informative, rounds = [], 0, 0, 0, 0
+    kept, n_groups, n_informative, rounds = [], 0, 0, 0
     while rounds < max(1, cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
         items, images, idx = next_prompts(cfg, questions, step, rounds)
         gen = training.generator_for(cfg.seed, step, rounds, dist.rank())
@@ -245,13 +245,10 @@ def collect(cfg, model, tokenizer, questions, step, device):
         n_informative += int(keep.sum())
         if cfg.dynamic_sampling:
             batch = select_groups(batch, keep, cfg.group_size)
-            kept.append(batch)
-            n_kept += int(keep.sum())
-            if n_kept >= cfg.prompts_per_step:
-                break
-        else:
-            kept.append(batch)
-            n_kept += len(idx)
+        kept.append(batch)
+        if cfg.dynamic_sampling and n_informative >= cfg.prompts_per_step:
+            break
+    n_kept = n_informative if cfg.dynamic_sampling else n_groups
     batch = cat_rollouts(kept)
     limit = min(n_kept, cfg.prompts_per_step) * cfg.group_size
     batch = {k: v[:limit] for k, v in batch.items()}

@@ -14,6 +14,7 @@ import types
 import torch
 
 import train_rl
+from nanopatho.rl import informative_groups
 
 G = 2  # group size
 ROUNDS = [[1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.0],   # round 0: groups flat, mixed, flat, flat
@@ -50,8 +51,7 @@ def test_dapo_fills_with_informative_groups_over_rounds(monkeypatch):
     assert batch["reward"].tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]  # in order, cut to 4 groups
     assert batch["row"].tolist() == [102, 103, 200, 201, 202, 203, 300, 301]
     assert info == dict(gen_rounds=3, groups_sampled=12, groups_kept=4, informative=7 / 12)
-    flat = train_rl.rl.informative_groups(batch["reward"], G)
-    assert flat.all()  # DAPO trains on no group of equal rewards
+    assert informative_groups(batch["reward"], G).all()  # DAPO trains on no group of equal rewards
 
 
 def test_dapo_stops_once_the_batch_is_full(monkeypatch):

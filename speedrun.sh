@@ -88,8 +88,9 @@ RL_TYPES=()
 if [ "$PRESET" = toy ]; then
   # RL on every tumour question type, now that the SFT model reads each above chance, plus a share of tissue
   # questions: RL on some types wore down the others (grade, mitoses), and 120 steps keep RL's time near
-  # what it was (issue-15 notes, session 17)
-  RL_TYPES=(--types glands,pleomorphism,mitoses,grade,tissue:165 --max_steps 120)
+  # what it was (issue-15 notes, session 17). --eval_every 0: no held-out MCQ every 20 steps (one at the end),
+  # since every checkpoint is evaluated in full below; it only logged, the training is the same
+  RL_TYPES=(--types glands,pleomorphism,mitoses,grade,tissue:165 --max_steps 120 --eval_every 0)
   stage base_vision "$OUT/base_vision.log" $PYTHON -m data.synthpath.perception --n_train 4000 --steps 1500 \
     --out_dir "$OUT/base_vision"
   CLIP_INIT=(--vision_init "$OUT/base_vision")
@@ -110,6 +111,7 @@ for SEED in ${SEEDS//,/ }; do
     --out_dir "$O/rl_grpo"
   stage rl_dapo "$O/rl_dapo.log" $PYTHON train_rl.py "${common[@]}" --algo dapo --init "$O/sft" "${RL_TYPES[@]}" \
     --out_dir "$O/rl_dapo"
+  t_eval=$SECONDS
   for CK in pretrain sft rl_grpo rl_dapo; do
     $PYTHON -m nanopatho.evaluate --ckpt "$O/$CK" --data "$DATA" --tasks mcq,vqa --max_new_tokens 256 > "$O/eval_$CK.log" 2>&1
     echo "[eval] $CK: $(grep -E '^mcq +accuracy +[0-9]' "$O/eval_$CK.log" | tr -s ' ')"
@@ -128,6 +130,7 @@ for SEED in ${SEEDS//,/ }; do
     done
     $PYTHON -m data.synthpath.readout --ckpt "$O/pretrain" --out "$O/pretrain/readout.json" > "$O/readout_pretrain.log" 2>&1
   fi
+  echo "{\"stage\": \"evaluate\", \"seconds\": $((SECONDS - t_eval))}" >> "$O/times.jsonl"  # the report's time a seed
 done
 
 # ---------------------------------------------------------------- report

@@ -104,7 +104,20 @@ def collect(out, seeds):
     report["base_lm_near_seconds"] = stage_seconds(out, None).get("base_lm_near")
     report["tower_perception"] = tower_perception(out, seeds)
     report["base_vision_seconds"] = stage_seconds(out, None).get("base_vision")
+    report["time"] = time_per_seed(times, stage_seconds(out, None), len(seeds))
     return report
+
+
+def time_per_seed(times, shared, n_seeds):
+    """What one seed of the speedrun costs: its stages and evaluations (out/seed<k>/times.jsonl, which holds
+    an "evaluate" line for the evaluation block), plus the shared stages (stage 0, 0v) counted once and
+    split over the seeds, as the issue-15 budget counts them. Seconds; None where no seed has times."""
+    seed = summarise([sum(t.values()) if t else None for t in times.values()])
+    if seed is None:
+        return None
+    shared_total = sum(shared.values())
+    return {"seed": seed, "shared": shared_total, "per_seed": seed["mean"] + shared_total / max(n_seeds, 1),
+            "evaluate": summarise([t.get("evaluate") for t in times.values()])}
 
 
 def mcq_by_type(evals, seeds):
@@ -277,7 +290,10 @@ def roles_markdown(roles):
     return "\n".join(lines)
 
 
-def claims(report):
+TOY_MINUTES_PER_SEED = 25  # issue 15's budget for the toy speedrun on 2 CPU cores
+
+
+def claims(report, preset="toy"):
     """The claims the speedrun exists to test, each PASS / FAIL with its numbers."""
     def mean(stage, col="MCQ acc"):
         cell = report["vlm"].get(stage, {}).get(col)
@@ -316,6 +332,16 @@ def claims(report):
         if f1[stage] is not None and f1["sft"] is not None:
             out.append((f"{name} keeps SFT's open-VQA F1 (drop <= 5 points)", f1[stage] >= f1["sft"] - 0.05,
                         f"{f1[stage]:.3f} vs {f1['sft']:.3f} ({100 * (f1[stage] - f1['sft']):+.1f} points)"))
+    time = report.get("time")
+    if time:
+        minutes = time["per_seed"] / 60
+        numbers = (f"{minutes:.1f} min a seed = {time['seed']['mean'] / 60:.1f} of its own stages and evaluations "
+                   f"+ {time['shared'] / 60:.1f} shared / {time['seed']['n']} seeds")
+        if preset == "toy":
+            out.append((f"toy speedrun <= {TOY_MINUTES_PER_SEED} min a seed on this machine, shared stages counted "
+                        f"once", minutes <= TOY_MINUTES_PER_SEED, numbers))
+        else:
+            out.append(("speedrun time a seed, shared stages counted once (information)", None, numbers))
     return out
 
 
@@ -410,7 +436,7 @@ def plot_curves(out, seeds, path):
     except ImportError:
         return "curves skipped: matplotlib is not installed (pip install matplotlib)"
     panels = [("clip", "loss"), ("pretrain", "loss"), ("sft", "loss"), ("rl_grpo", "reward"), ("rl_dapo", "reward"),
-              ("rl_grpo", "mcq_acc"), ("rl_dapo", "mcq_acc"), ("rl_dapo", "response_length")]
+              ("rl_grpo", "accuracy"), ("rl_dapo", "accuracy"), ("rl_dapo", "response_length")]
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, (stage, key) in zip(axes.flat, panels):
         for s in seeds:
@@ -421,7 +447,7 @@ def plot_curves(out, seeds, path):
                     rows = [json.loads(line) for line in f if line.strip()]
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=f"seed {s}", marker="." if key == "mcq_acc" else None)
+                ax.plot(*zip(*pts), label=f"seed {s}")
         ax.set_title(f"{stage}: {key}")
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -496,7 +522,7 @@ def main(argv=None):
     meta = read_json(os.path.join(args.data, "meta.json"))
     report = collect(args.out, seeds)
     info = machine_info()
-    claim_rows = claims(report)
+    claim_rows = claims(report, args.preset)
     curve_note = plot_curves(args.out, seeds, os.path.join(args.out, "curves.png"))
     md = write_markdown(report, meta, info, claim_rows, curve_note, seeds, args.preset)
     with open(os.path.join(args.out, "report.md"), "w") as f:

@@ -237,3 +237,35 @@ def test_findings_readout_rows(tmp_path):
     assert "| stage 1 LM says (findings readout) | 0.350 ± 0.050 | 0.700 ± 0.000 | 0.850 ± 0.000 | — | 0.650 ± 0.050 | 0.700 ± 0.000 |" in table
     assert "| majority class | 0.250 | 0.400 | 0.450 | 0.550 | 0.600 | 0.700 |" in table
     assert "stage 0v" not in table  # no base_vision/eval.json
+
+
+def times_file(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"stage": k, "seconds": v}) + "\n" for k, v in rows)
+
+
+def test_time_a_seed_counts_shared_stages_once(tmp_path):
+    out = str(tmp_path)
+    times_file(os.path.join(out, "times.jsonl"), [("base_lm", 300), ("base_lm_near", 60), ("base_vision", 240)])
+    times_file(os.path.join(out, "seed0", "times.jsonl"), [("clip", 60), ("sft", 100), ("evaluate", 40)])
+    times_file(os.path.join(out, "seed1", "times.jsonl"), [("clip", 80), ("sft", 120), ("evaluate", 40),
+                                                            ("evaluate", 60)])  # a rerun's evaluation: the last line
+    r = report.collect(out, [0, 1])
+    # by hand: seeds 200 and 260 s -> mean 230; shared 600 s over 2 seeds -> 300; 530 s a seed
+    assert r["time"]["seed"]["mean"] == pytest.approx(230)
+    assert r["time"]["shared"] == 600
+    assert r["time"]["per_seed"] == pytest.approx(530)
+    assert r["time"]["evaluate"]["mean"] == pytest.approx(50)
+    claim = [c for c in report.claims(r) if c[0].startswith("toy speedrun")]
+    assert claim[0][1] is True and claim[0][2].startswith("8.8 min a seed")
+    r1 = report.collect(out, [1])  # one seed carries all 600 shared seconds: 260 + 600 = 860 s
+    assert r1["time"]["per_seed"] == pytest.approx(860)
+    r1["time"]["per_seed"] = 25 * 60 + 1
+    assert [c for c in report.claims(r1) if c[0].startswith("toy speedrun")][0][1] is False
+    assert [c for c in report.claims(r1, "small") if "a seed" in c[0]][0][1] is None  # information off the toy
+
+
+def test_no_times_means_no_time_claim(tmp_path):
+    r = report.collect(str(tmp_path), [0])
+    assert r["time"] is None and not any("a seed" in c[0] for c in report.claims(r))

@@ -476,24 +476,32 @@ def decode_response(tokenizer, ids, mask):
     return strip_end_markers(tokenizer.decode(toks, skip_special=False)), n
 
 
+def generation_order(items, prompts):
+    """The order items are batched in: by question type and answer type, then prompt length. A batch
+    decodes until its longest reply ends, so short-reply questions (tissue names) batched apart from long
+    chains (tumour grades) finish early; like prompt lengths need less left padding."""
+    return sorted(range(len(items)), key=lambda i: (str(items[i].get("type", "")), str(items[i].get("answer_type", "")),
+                                                    len(prompts[i])))
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, items, images_u8, *, batch_size, device, max_new_tokens):
-    """Greedy responses to items {"question", "options"?}: (texts, lengths in tokens)."""
-    texts, lengths = [], []
-    for i in range(0, len(items), batch_size):
-        batch = items[i:i + batch_size]
-        prompts = [tokenizer.render_prompt(format_question(it["question"], it.get("options")), model.n_image_tokens)
-                   for it in batch]
-        ids, mask = pad_sequences(prompts, tokenizer.pad_id, side="left")  # (B, T), (B, T)
-        pixels = to_float(images_u8[i:i + batch_size]).to(device)  # (B, 3, H, W)
+    """Greedy responses to items {"question", "options"?}, in the items' order: (texts, lengths in tokens).
+    Batches are formed in generation_order; each row's greedy reply does not depend on its batch."""
+    prompts = [tokenizer.render_prompt(format_question(it["question"], it.get("options")), model.n_image_tokens)
+               for it in items]
+    texts, lengths = [None] * len(items), [None] * len(items)
+    order = generation_order(items, prompts)
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        ids, mask = pad_sequences([prompts[r] for r in rows], tokenizer.pad_id, side="left")  # (B, T), (B, T)
+        pixels = to_float(images_u8[rows]).to(device)  # (B, 3, H, W)
         with _autocast(device):
             out = model.generate(ids.to(device), pixels, mask.to(device), max_new_tokens=max_new_tokens,
                                  temperature=0.0, stop_ids=(tokenizer.im_end_id, tokenizer.eos_id),
                                  pad_id=tokenizer.pad_id)
-        for row_ids, row_mask in zip(out.ids.cpu(), out.mask.cpu()):  # (N,), (N,)
-            text, n = decode_response(tokenizer, row_ids, row_mask)
-            texts.append(text)
-            lengths.append(n)
+        for r, row_ids, row_mask in zip(rows, out.ids.cpu(), out.mask.cpu()):  # (N,), (N,)
+            texts[r], lengths[r] = decode_response(tokenizer, row_ids, row_mask)
     return texts, lengths
 
 

@@ -321,3 +321,40 @@ def test_cli_end_to_end_on_tiny_random_models(tmp_path, capsys):
     assert 0 < res["mcq"]["mean_response_length"] <= 4
     printed = capsys.readouterr().out
     assert "skipping ['zeroshot']" in printed and "i2t_R@1" in printed
+
+
+def test_generation_order_hand_case():
+    from nanopatho.evaluate import generation_order
+    items = [{"type": "tissue", "answer_type": "OPEN"}, {"type": "grade"}, {"type": "tissue", "answer_type": "CLOSED"},
+             {"type": "grade"}, {}]
+    prompts = [[0] * 5, [0] * 9, [0] * 7, [0] * 3, [0] * 4]
+    # no type first, then grade by prompt length (3 before 9), then tissue CLOSED before OPEN
+    assert generation_order(items, prompts) == [4, 3, 1, 2, 0]
+
+
+def test_generate_answers_come_back_in_item_order_whatever_the_batch():
+    """Batched in generation_order, each reply is the one its item gets alone (greedy), at its own index."""
+    from nanopatho.evaluate import generate_answers
+    from nanopatho.lm import LMConfig
+    from nanopatho.tokenizer import Tokenizer
+    from nanopatho.vit import ViTConfig
+    from nanopatho.vlm import VLM, VLMConfig
+
+    tok = Tokenizer.train(["adipose tumour tissue fat which is it yes no grade of the shown"] * 5, vocab_size=300)
+    vit = ViTConfig(image_size=16, patch_size=8, n_layer=1, n_head=2, n_embd=32)
+    lm = LMConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64,
+                  max_seq_len=256, tie_embeddings=False)
+    torch.manual_seed(3)
+    vlm = VLM(VLMConfig(vision=vit, lm=lm, image_token_id=tok.image_id, pixel_shuffle=1)).eval()
+    for w in vlm.parameters():  # large random weights: replies that differ by question, image and length
+        if w.dim() > 1:
+            torch.nn.init.normal_(w, std=0.5)
+    questions = ["Which tissue?", "What is the grade of the tumour shown?", "Is it fat?", "Grade?", "Which tissue is it?"]
+    items = [{"question": q, "type": t} for q, t in zip(questions, ["tissue", "grade", "tissue", "grade", "tissue"])]
+    images = torch.randint(0, 256, (len(items), 3, 16, 16), dtype=torch.uint8)
+    kw = dict(device="cpu", max_new_tokens=6)
+    batched = generate_answers(vlm, tok, items, images, batch_size=3, **kw)
+    alone = [generate_answers(vlm, tok, [it], images[i:i + 1], batch_size=1, **kw) for i, it in enumerate(items)]
+    assert batched[0] == [texts[0] for texts, _ in alone]
+    assert batched[1] == [lengths[0] for _, lengths in alone]
+    assert len(set(batched[0])) == len(items) and len(set(batched[1])) > 1  # a mix-up of rows would show

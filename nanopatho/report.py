@@ -100,11 +100,12 @@ def collect(out, seeds):
     report["mcq_walk"] = mcq_walk(evals, seeds)
     report["sft_token_roles"] = token_roles(out, seeds)
     report["reading_probe"] = reading_probe(out, seeds)
-    report["base_lm_seconds"] = stage_seconds(out, None).get("base_lm")
-    report["base_lm_near_seconds"] = stage_seconds(out, None).get("base_lm_near")
+    shared = stage_seconds(out, None)
+    report["base_lm_seconds"] = shared.get("base_lm")
+    report["base_lm_near_seconds"] = shared.get("base_lm_near")
     report["tower_perception"] = tower_perception(out, seeds)
-    report["base_vision_seconds"] = stage_seconds(out, None).get("base_vision")
-    report["time"] = time_per_seed(times, stage_seconds(out, None), len(seeds))
+    report["base_vision_seconds"] = shared.get("base_vision")
+    report["time"] = time_per_seed(times, shared, len(seeds))
     return report
 
 

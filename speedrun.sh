@@ -74,7 +74,7 @@ fi
 stage base_lm "$OUT/base_lm.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" --out_dir "$OUT/base_lm"
 # second phase: the option walk on options that share a word ("mild pleomorphism", "marked pleomorphism")
 stage base_lm_near "$OUT/base_lm_near.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" \
-  --init "$OUT/base_lm" --train_file reading_near.jsonl --copy_steps 0 --level_steps 200 --max_steps 600 --out_dir "$OUT/base_lm_near"
+  --init "$OUT/base_lm" --train_file reading_near.jsonl --level_steps 200 --max_steps 600 --out_dir "$OUT/base_lm_near"
 for CK in base_lm base_lm_near; do
   $PYTHON -m nanopatho.diagnose --ckpt "$OUT/$CK" --data "$DATA" --probe reading_probe.jsonl \
     --out "$OUT/$CK/diagnose.json" > "$OUT/diagnose_$CK.log" 2>&1

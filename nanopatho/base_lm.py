@@ -13,10 +13,7 @@ base LM serves every seed of the speedrun, as one released model serves every Pa
         --level_steps 200 --max_steps 600 --out_dir out/base_lm_near                 # the second phase
     python -m nanopatho.base_lm --help
 
-Warm-up (--copy_steps): copy a span of random tokens, <bos> x x, the induction skill (Olsson et al. 2022)
-that every look-up below builds on; on the curriculum alone the yes/no check formed in some seeds and not in
-others, after it in every seed tried (issue-15 note, session 19).
-Curriculum: then the first level_steps[0] steps draw rows of level 0 (the bare question), the next
+Curriculum: the first level_steps[0] steps draw rows of level 0 (the bare question), the next
 level_steps[1] of level 1 (+ the system prompt), the rest of level 2 (+ filler: the real prompt's
 length and more); `--replay` of each batch is drawn from the earlier levels so no skill is lost. A file without some levels
 (reading_near.jsonl holds levels 1 and 2) walks the levels it has, in order.
@@ -49,9 +46,6 @@ class Config(TrainConfig):
     probe_file: str = field("reading_probe.jsonl", "held-out reading probe conversations ('' = none)")
     tokenizer: str = field("", "tokenizer.json (default: <data>/tokenizer.json); stage 1 must use the same")
     init: str = field("", "LM checkpoint to continue (same tokenizer) instead of a blank LM: a second phase")
-    copy_steps: int = field(0, "induction warm-up: steps that copy a span of random tokens (<bos> x x) before the "
-                               "curriculum; the look-up and the yes/no check build on it (0 = none)")
-    copy_len: int = field(32, "tokens in a warm-up span")
     level_steps: str = field("600,600", "steps spent at each level before the last one, comma-separated")
     replay: float = field(0.25, "fraction of each batch drawn from earlier levels")
     level_batch: str = field("", "rows per micro-batch at each level, comma-separated ('' = --batch_size at every "
@@ -62,10 +56,9 @@ class Config(TrainConfig):
 
 PRESETS = {
     # toy level_steps: 1,800 steps at the chat levels (was 300 + 300): the probe's same-or-different on new names
-    # 0.62 -> 0.825, check 0.874 -> 0.944, for +2.2 min (the issue-15 note, session 7, has the curves).
-    # copy_steps: without the warm-up the yes/no check formed in some seeds only (issue-15 note, session 19)
-    "toy": dict(max_steps=3900, batch_size=16, lr=1e-3, warmup_steps=50, max_seq_len=320, eval_every=200,
-                weight_decay=0.0, augment=False, level_steps="1800,600", level_batch="16,8,8", copy_steps=300),
+    # 0.62 -> 0.825, check 0.874 -> 0.944, for +2.2 min (the issue-15 note, session 7, has the curves)
+    "toy": dict(max_steps=3600, batch_size=16, lr=1e-3, warmup_steps=50, max_seq_len=320, eval_every=200,
+                weight_decay=0.0, augment=False, level_steps="1800,600", level_batch="16,8,8"),
     "small": dict(max_steps=10000, batch_size=64, lr=6e-4, warmup_steps=200, max_seq_len=512, augment=False),
     "base": dict(max_steps=20000, batch_size=64, lr=3e-4, warmup_steps=500, max_seq_len=1024, augment=False),
 }
@@ -126,28 +119,6 @@ def curriculum_sampler(cfg, levels):
     return sample
 
 
-def copy_rows(tokenizer, n_rows, length, seed):
-    """n_rows induction rows <bos> x x, x `length` random ordinary token ids (no special token); the loss
-    is on the second x only, where every token can be copied from `length` positions back."""
-    specials = set(tokenizer.special_ids.values())
-    ordinary = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in specials])  # (V',)
-    g = torch.Generator().manual_seed(seed)
-    x = ordinary[torch.randint(len(ordinary), (n_rows, length), generator=g)]  # (n_rows, length)
-    mask = [0] * (length + 1) + [1] * length
-    return [([tokenizer.bos_id] + row + row, mask) for row in x.tolist()]
-
-
-def warmup_sampler(cfg, n_rows, first_copy_row, curriculum):
-    """sampler(step, micro): the first cfg.copy_steps steps draw warm-up rows (indices first_copy_row..
-    first_copy_row + n_rows - 1), then `curriculum` runs from its own step 0."""
-    def sample(step, micro):
-        if step >= cfg.copy_steps:
-            return curriculum(step - cfg.copy_steps, micro)
-        g = training.generator_for(cfg.seed, step, micro, dist.rank(), 19)
-        return (first_copy_row + torch.randint(n_rows, (cfg.batch_size,), generator=g)).tolist()
-    return sample
-
-
 def probe_scorer(tokenizer, path):
     """on_eval hook: the reading probe's top-1 on option letters and yes/no decisions."""
     convs = diagnose.load_probe(path)
@@ -177,19 +148,14 @@ def main(argv=None):
     tokenizer = Tokenizer.from_file(cfg.tokenizer or os.path.join(cfg.data, "tokenizer.json"))
     rows, levels = reading_examples(cfg, tokenizer, os.path.join(cfg.data, cfg.train_file))
     train_set, train_levels, val_set = split_rows(rows, levels, cfg.val_rows)
-    sampler = curriculum_sampler(cfg, train_levels)
-    if cfg.copy_steps:
-        warmup = copy_rows(tokenizer, cfg.copy_steps * cfg.batch_size, cfg.copy_len, cfg.seed)
-        sampler = warmup_sampler(cfg, len(warmup), len(train_set), sampler)
-        train_set = Examples(train_set.seqs + warmup, train_set.image_index + [-1] * len(warmup), train_set.images)
     model = initial_lm(cfg, tokenizer)
     training.print0(f"[base_lm] {len(train_set)} reading rows (levels {sorted(set(train_levels))}), "
                     + (f"continuing {cfg.init}, " if cfg.init else "") +
-                    f"{len(val_set)} val; schedule {cfg.copy_steps} copy warm-up, {cfg.level_steps} then the last level; params: {count_params(model)}")
+                    f"{len(val_set)} val; schedule {cfg.level_steps} then the last level; params: {count_params(model)}")
     model.to(device)
     on_eval = probe_scorer(tokenizer, os.path.join(cfg.data, cfg.probe_file)) if cfg.probe_file else None
     summary = train(cfg, model, tokenizer, train_set, val_set, to_dict(cfg), stage="base_lm",
-                    sampler=sampler, on_eval=on_eval)
+                    sampler=curriculum_sampler(cfg, train_levels), on_eval=on_eval)
     probe = on_eval(model) if on_eval is not None else {}
     training.print0(f"[base_lm] done in {summary['seconds']:.0f}s: val loss {summary['final_val_loss']:.3f}, "
                     + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()) + f" -> {cfg.out_dir}")

@@ -26,7 +26,7 @@ def base(tmp_path_factory):
     world = tiny_world(tmp_path_factory)
     out = str(tmp_path_factory.mktemp("base_lm"))
     cmd = [sys.executable, "-m", "nanopatho.base_lm", "--data", world["data"], "--out_dir", out, "--device", "cpu",
-           "--num_threads", "1", "--max_steps", "4", "--copy_steps", "1", "--level_steps", "1,1", "--batch_size", "4", "--val_rows", "4",
+           "--num_threads", "1", "--max_steps", "4", "--level_steps", "1,1", "--batch_size", "4", "--val_rows", "4",
            "--eval_every", "2", "--eval_batches", "1", "--warmup_steps", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,6 @@ import pytest
 from data.synthpath import reading as R
 from nanopatho import base_lm
 from nanopatho.prompts import SYSTEM_PROMPT
-from nanopatho.tokenizer import Tokenizer
 
 OPTION = re.compile(r"^([A-D])\) (.+)$", re.MULTILINE)
 REPLY = re.compile(r"^<think>(.*)</think><answer>(.*)</answer>$", re.S)
@@ -180,37 +179,6 @@ def test_curriculum_sampler_walks_the_levels_a_file_holds():
     assert all(levels[i] == 1 for s in (0, 1) for i in sample(s, 0))
     at_two = sample(2, 0)
     assert [levels[i] for i in at_two] == [2] * 6 + [1] * 2
-
-
-def test_copy_rows_hand_case():
-    """<bos> x x with x ordinary tokens only, the loss on the second x; the same seed gives the same rows."""
-    tok = Tokenizer.train(["crowded large nuclei, poor glands"] * 10, 300)
-    rows = base_lm.copy_rows(tok, 5, 6, seed=3)
-    specials = set(tok.special_ids.values())
-    assert len(rows) == 5
-    for ids, mask in rows:
-        assert len(ids) == len(mask) == 13 and ids[0] == tok.bos_id
-        assert ids[1:7] == ids[7:] and not specials & set(ids[1:])
-        assert mask == [0] * 7 + [1] * 6
-    assert rows == base_lm.copy_rows(tok, 5, 6, seed=3) != base_lm.copy_rows(tok, 5, 6, seed=4)
-    assert len({i for ids, _ in base_lm.copy_rows(tok, 50, 6, seed=3) for i in ids[1:]}) > 50  # spread over the vocab
-
-
-class _WarmCfg(_Cfg):
-    copy_steps = 3
-
-
-def test_warmup_sampler_copies_first_then_runs_the_curriculum_from_its_step_0():
-    levels = [0] * 10 + [1] * 10 + [2] * 10
-    curriculum = base_lm.curriculum_sampler(_WarmCfg, levels)
-    sample = base_lm.warmup_sampler(_WarmCfg, n_rows=7, first_copy_row=30, curriculum=curriculum)
-    for step in range(3):
-        picks = sample(step, 0)
-        assert len(picks) == _WarmCfg.batch_size and all(30 <= i < 37 for i in picks)
-        assert picks == sample(step, 0)
-    assert sample(0, 0) != sample(1, 0)
-    for step in range(3, 9):
-        assert sample(step, 0) == curriculum(step - 3, 0)
 
 
 def test_level0_drills_answer_in_one_terse_reply():

@@ -9,6 +9,7 @@
 #   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report (~124 min)
 #   bash speedrun.sh --preset small       # one GPU
 #   bash speedrun.sh --update_readme      # also rewrite README.md's results section from the report
+#   bash speedrun.sh --base_tries 3       # retrain stage 0 with the next seed while its probe check is < 0.8
 #   PYTHON=python3.11 OUT=out DATA=data/synthpath bash speedrun.sh
 #
 # Every stage prints one summary line; logs are under $OUT/seed<k>/. A stage whose model is
@@ -24,6 +25,8 @@ DATA=${DATA:-data/synthpath}
 PYTHON=${PYTHON:-python}
 SKIP_SETUP=${SKIP_SETUP:-0}
 README_FLAG=()
+BASE_SEED=0
+BASE_TRIES=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -31,7 +34,9 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --skip_setup) SKIP_SETUP=1; shift ;;
     --update_readme) README_FLAG=(--readme README.md); shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --base_seed) BASE_SEED=$2; shift 2 ;;
+    --base_tries) BASE_TRIES=$2; shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -71,13 +76,36 @@ fi
 
 # ---------------------------------------------------------------- stage 0: the base LM, shared by every seed
 # (at real scale a released LM plays this part: train_pretrain.py --lm_init <its directory>)
-stage base_lm "$OUT/base_lm.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" --out_dir "$OUT/base_lm"
-# second phase: the option walk on options that share a word ("mild pleomorphism", "marked pleomorphism")
-stage base_lm_near "$OUT/base_lm_near.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" \
-  --init "$OUT/base_lm" --train_file reading_near.jsonl --level_steps 200 --max_steps 600 --out_dir "$OUT/base_lm_near"
-for CK in base_lm base_lm_near; do
-  $PYTHON -m nanopatho.diagnose --ckpt "$OUT/$CK" --data "$DATA" --probe reading_probe.jsonl \
-    --out "$OUT/$CK/diagnose.json" > "$OUT/diagnose_$CK.log" 2>&1
+# At the toy budget whether the base LM learns to check an option against the finding depends on the seed (README,
+# "What the toy run shows"); without that check SFT's MCQ sits near chance. --base_tries K retrains it with the
+# next seed while the held-out reading probe's check top-1 is below 0.8, and keeps each miss as base_lm.seed<k>/.
+base_lm_try() {  # base_lm_try SEED: both phases of stage 0 at SEED, then the probe; status 3 when the check is < 0.8
+  stage base_lm "$OUT/base_lm.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" --seed "$1" \
+    --out_dir "$OUT/base_lm"
+  # second phase: the option walk on options that share a word ("mild pleomorphism", "marked pleomorphism")
+  stage base_lm_near "$OUT/base_lm_near.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" \
+    --seed "$1" --init "$OUT/base_lm" --train_file reading_near.jsonl --level_steps 200 --max_steps 600 \
+    --out_dir "$OUT/base_lm_near"
+  $PYTHON -m nanopatho.diagnose --ckpt "$OUT/base_lm" --data "$DATA" --probe reading_probe.jsonl \
+    --out "$OUT/base_lm/diagnose.json" > "$OUT/diagnose_base_lm.log" 2>&1 || return
+  $PYTHON -m nanopatho.diagnose --ckpt "$OUT/base_lm_near" --data "$DATA" --probe reading_probe.jsonl \
+    --require check=0.8 --out "$OUT/base_lm_near/diagnose.json" > "$OUT/diagnose_base_lm_near.log" 2>&1
+}
+for ((try = 0; try < BASE_TRIES; try++)); do
+  BS=$((BASE_SEED + try))
+  if [ -d "$OUT/base_lm.seed$BS" ]; then continue; fi  # a miss of an earlier, interrupted speedrun
+  t_try=$SECONDS rc=0; base_lm_try "$BS" || rc=$?
+  if [ "$rc" = 0 ]; then break; fi
+  if [ "$rc" != 3 ]; then echo "stage 0's probe failed (exit $rc), see $OUT/diagnose_base_lm_near.log" >&2; exit "$rc"; fi
+  echo "[base_lm] seed $BS did not learn to check: $(tail -n 1 "$OUT/diagnose_base_lm_near.log")"
+  if [ $((try + 1)) -lt "$BASE_TRIES" ]; then  # the miss's time stays in the report's shared time, under its own name
+    echo "{\"stage\": \"base_lm.seed$BS\", \"seconds\": $((SECONDS - t_try))}" >> "$OUT/times.jsonl"
+    mkdir "$OUT/base_lm.seed$BS" && mv "$OUT/base_lm" "$OUT/base_lm_near" "$OUT/base_lm.log" "$OUT/base_lm_near.log" \
+      "$OUT/diagnose_base_lm.log" "$OUT/diagnose_base_lm_near.log" "$OUT/base_lm.seed$BS/"
+  else
+    echo "[base_lm] warning: going on with it; SFT's MCQ answers will sit near chance (rm -r $OUT/base_lm* and rerun" \
+      "with --base_tries 3, or --base_seed N)" >&2
+  fi
 done
 
 # ---------------------------------------------------------------- stage 0v: the base vision tower, shared by every seed

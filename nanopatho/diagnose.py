@@ -18,6 +18,7 @@ that is the toy VLM's failure on SynthPath (see the README, "What the toy run sh
     python -m nanopatho.diagnose --ckpt out/sft --data data/synthpath
     python -m nanopatho.diagnose --ckpt out/sft --data data/synthpath --limit 100 --out diag.json
     python -m nanopatho.diagnose --ckpt out/base_lm --probe reading_probe.jsonl     # stage 0: the probe only
+    python -m nanopatho.diagnose --ckpt out/base_lm --probe reading_probe.jsonl --require check=0.8   # exit 3 below
 
 `--probe` also scores the reading probe (data/synthpath/reading.py): held-out option walks (copy
 each option, check it, name the letter) and same-or-different judgements on names never trained on, text only, for the base LM, stage 1 and SFT.
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import re
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +150,9 @@ def score(model, tokenizer, convs, batch_size=16):
     return nll, correct, roles, n_options
 
 
+PROBE_SKILLS = {"copy": ROLES[5], "check": ROLES[4], "option": ROLES[0], "same": ROLES[2]}  # short name -> role
+
+
 def load_probe(path):
     """The reading probe (data/synthpath/reading.py:probe_rows): text-only conversations."""
     convs, _ = load_conversations(path)
@@ -160,8 +165,32 @@ def probe_stats(model, tokenizer, convs):
     was_training = model.training
     stats = summarize(*score(model, tokenizer, convs))
     model.train(was_training)
-    names = {"copy": ROLES[5], "check": ROLES[4], "option": ROLES[0], "same": ROLES[2]}
-    return {short: stats[role] for short, role in names.items() if role in stats}
+    return {short: stats[role] for short, role in PROBE_SKILLS.items() if role in stats}
+
+
+def parse_require(spec):
+    """--require "check=0.8,same=0.8" -> [("check", 0.8), ("same", 0.8)]; ValueError names a bad item."""
+    required = []
+    for item in filter(None, spec.split(",")):
+        skill, _, low = item.partition("=")
+        if skill not in PROBE_SKILLS:
+            raise ValueError(f"--require {item!r}: the probe scores {', '.join(PROBE_SKILLS)}, not {skill!r}")
+        try:
+            required.append((skill, float(low)))
+        except ValueError:
+            raise ValueError(f"--require {item!r}: expected SKILL=MIN, e.g. check=0.8") from None
+    return required
+
+
+def unmet(probe, required):
+    """The probe skills whose top-1 is below their minimum, as "check 0.698 < 0.8" lines."""
+    missed = []
+    for skill, low in required:
+        if skill not in probe:
+            missed.append(f"{skill}: no probe item has that role")
+        elif probe[skill]["top1"] < low:
+            missed.append(f"{skill} {probe[skill]['top1']:.3f} < {low:g}")
+    return missed
 
 
 def format_table(stats):
@@ -182,9 +211,17 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="use only the first N held-out conversations (0 = all)")
     p.add_argument("--probe", default="", help="also score this reading probe (relative to --data), "
                                                "e.g. reading_probe.jsonl; the only table for an LM checkpoint")
+    p.add_argument("--require", default="", help="with --probe: SKILL=MIN,... (e.g. check=0.8): exit with status 3 "
+                                                 "when a probe top-1 is below its minimum, after writing --out")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = p.parse_args(argv)
+    if args.require and not args.probe:
+        p.error("--require needs --probe")
+    try:
+        required = parse_require(args.require)
+    except ValueError as e:
+        p.error(str(e))
     model, config, tokenizer = checkpoint.load(args.ckpt)
     if config["model_type"] not in ("vlm", "lm") or (config["model_type"] == "lm" and not args.probe):
         raise checkpoint.CheckpointError(f"{args.ckpt}: holds a {config['model_type']!r} model; diagnose needs a "
@@ -200,9 +237,13 @@ def main(argv=None):
         result["probe"] = probe_stats(model, tokenizer, probe)
         print(f"reading probe ({args.probe}, {len(probe)} items, names never trained on):")
         print(format_table({f"probe {k}": v for k, v in result["probe"].items()}))
+    missed = unmet(result["probe"], required) if required else []
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
+    if missed:
+        print(f"{args.ckpt}: reading probe below --require: {'; '.join(missed)}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,26 @@ def test_probe_scores_an_lm_and_its_vlm_alike(base):
         assert a[skill]["n"] == b[skill]["n"] > 0
         assert a[skill]["top1"] == b[skill]["top1"]
         assert a[skill]["nll"] == pytest.approx(b[skill]["nll"], abs=1e-5)
+
+
+def test_diagnose_require_exits_3_below_the_bar(base, tmp_path, capsys):
+    """`diagnose --require check=MIN` (speedrun.sh --base_tries): status 3 exactly when the probe's check
+    top-1 is below MIN, after the JSON is written; a bad spec is refused before any scoring."""
+    world, out, _ = base
+    args = ["--ckpt", out, "--data", world["data"], "--probe", "reading_probe.jsonl", "--out", str(tmp_path / "d.json")]
+    diagnose.main(args)
+    check = json.loads((tmp_path / "d.json").read_text())["probe"]["check"]["top1"]
+    (tmp_path / "d.json").unlink()
+    diagnose.main(args + ["--require", f"check={check}"])  # equal to the bar: passes
+    assert (tmp_path / "d.json").exists()
+    (tmp_path / "d.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        diagnose.main(args + ["--require", f"copy=0,check={check + 0.001}"])
+    assert e.value.code == 3 and (tmp_path / "d.json").exists()
+    assert f"check {check:.3f} < {check + 0.001:g}" in capsys.readouterr().err.splitlines()[-1]
+    for bad in ("chek=0.8", "check", "check=high"):
+        with pytest.raises(SystemExit) as e:
+            diagnose.main(args + ["--require", bad])
+        assert e.value.code == 2 and "--require" in capsys.readouterr().err
+    assert diagnose.unmet({"check": {"top1": 0.7}}, [("check", 0.8), ("same", 0.5)]) == \
+        ["check 0.700 < 0.8", "same: no probe item has that role"]

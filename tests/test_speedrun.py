@@ -1,0 +1,105 @@
+"""speedrun.sh's control flow with every stage faked: stage 0 is retrained with the next seed while
+the reading probe's check is below the bar (--base_tries), each miss is kept and its time counted,
+and a last miss goes on with a warning.
+
+    python -m pytest -q tests/test_speedrun.py
+
+The fake interpreter stands in for $PYTHON: a training script writes <out_dir>/model.safetensors
+and the seed it was given; `diagnose --require` exits 3 (as the real one does below the bar) for
+a checkpoint trained with a seed listed in FAKE_MISS.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from e2e_util import ROOT
+
+FAKE = r'''
+import json, os, sys
+args = sys.argv[1:]
+if args[0] == "-c":          # prepare.stale: the world is current
+    sys.exit(0)
+value = lambda flag: args[args.index(flag) + 1] if flag in args else None
+module = value("-m") or args[0]
+if value("--out_dir"):
+    os.makedirs(value("--out_dir"), exist_ok=True)
+    open(os.path.join(value("--out_dir"), "model.safetensors"), "w").close()
+    with open(os.path.join(value("--out_dir"), "seed"), "w") as f:
+        f.write(value("--seed") or "0")
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(f"{module} {value('--out_dir')} seed {value('--seed')}\n")
+    print(f"[{module.split('.')[-1]}] done")
+elif value("--out") and module != "nanopatho.report":
+    with open(value("--out"), "w") as f:
+        json.dump({}, f)
+if module == "nanopatho.diagnose" and value("--require"):
+    with open(os.path.join(value("--ckpt"), "seed")) as f:
+        seed = f.read()
+    if seed in os.environ["FAKE_MISS"].split(","):
+        print(f"{value('--ckpt')}: reading probe below --require: check 0.690 < 0.8", file=sys.stderr)
+        sys.exit(3)
+'''
+
+
+def speedrun(tmp_path, miss, *flags):
+    fake = tmp_path / "fake.py"
+    fake.write_text(FAKE)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=f"{sys.executable} {fake}", OUT=str(out), SKIP_SETUP="1",
+               FAKE_MISS=miss, FAKE_LOG=str(tmp_path / "calls.log"))
+    proc = subprocess.run(["bash", "speedrun.sh", "--seeds", "0", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    return out, proc, [c for c in calls if c.startswith("nanopatho.base_lm")]
+
+
+def times(out):
+    with open(out / "times.jsonl") as f:
+        return [json.loads(line)["stage"] for line in f]
+
+
+def test_base_tries_retrains_stage0_with_the_next_seed_and_keeps_the_miss(tmp_path):
+    out, proc, base_calls = speedrun(tmp_path, "0", "--base_tries", "3")
+    assert [c.split()[-1] for c in base_calls] == ["0", "0", "1", "1"]  # both phases at seed 0, then at seed 1
+    assert (out / "base_lm" / "seed").read_text() == "1" and (out / "base_lm_near" / "seed").read_text() == "1"
+    assert (out / "base_lm.seed0" / "base_lm" / "seed").read_text() == "0"  # the miss, kept
+    assert (out / "base_lm.seed0" / "diagnose_base_lm_near.log").exists()
+    assert not (out / "base_lm.seed1").exists() and not (out / "base_lm.seed2").exists()  # seed 1 passed: no third try
+    assert "[base_lm] seed 0 did not learn to check" in proc.stdout and "warning" not in proc.stderr
+    assert times(out)[:5] == ["base_lm", "base_lm_near", "base_lm.seed0", "base_lm", "base_lm_near"]
+
+
+def test_a_last_miss_goes_on_with_a_warning(tmp_path):
+    out, proc, base_calls = speedrun(tmp_path, "0,1", "--base_tries", "2")
+    assert [c.split()[-1] for c in base_calls] == ["0", "0", "1", "1"]
+    assert (out / "base_lm.seed0").is_dir() and not (out / "base_lm.seed1").exists()
+    assert (out / "base_lm" / "seed").read_text() == "1"  # the last try stays where stage 1 reads it
+    assert "warning" in proc.stderr and "--base_tries" in proc.stderr
+    assert (out / "seed0" / "sft" / "model.safetensors").exists()  # the seeds still ran
+
+
+@pytest.mark.parametrize("miss, warned", [("", False), ("0", True)])
+def test_one_try_by_default(tmp_path, miss, warned):
+    out, proc, base_calls = speedrun(tmp_path, miss)
+    assert [c.split()[-1] for c in base_calls] == ["0", "0"]
+    assert not any(p.name.startswith("base_lm.seed") for p in out.iterdir())
+    assert ("warning" in proc.stderr) == warned
+
+
+def test_a_rerun_skips_the_kept_miss(tmp_path):
+    """Resume: a miss kept by an interrupted speedrun is not trained again; the next seed's try is reused."""
+    out, _, _ = speedrun(tmp_path, "0", "--base_tries", "3")
+    (tmp_path / "calls.log").unlink()
+    fake = tmp_path / "fake.py"
+    env = dict(os.environ, PYTHON=f"{sys.executable} {fake}", OUT=str(out), SKIP_SETUP="1", FAKE_MISS="0",
+               FAKE_LOG=str(tmp_path / "calls.log"))
+    proc = subprocess.run(["bash", "speedrun.sh", "--seeds", "0", "--base_tries", "3"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[base_lm] already done" in proc.stdout and "did not learn" not in proc.stdout
+    assert not (tmp_path / "calls.log").exists() or "nanopatho.base_lm" not in (tmp_path / "calls.log").read_text()

@@ -10,6 +10,7 @@
 #   bash speedrun.sh --preset small       # one GPU
 #   bash speedrun.sh --update_readme      # also rewrite README.md's results section from the report
 #   bash speedrun.sh --base_tries 3       # retrain stage 0 with the next seed while its probe check is < 0.8
+#   bash speedrun.sh --base_seed 1        # stage 0's (first) seed; the seeds above are the VLM stages'
 #   PYTHON=python3.11 OUT=out DATA=data/synthpath bash speedrun.sh
 #
 # Every stage prints one summary line; logs are under $OUT/seed<k>/. A stage whose model is
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
     --update_readme) README_FLAG=(--readme README.md); shift ;;
     --base_seed) BASE_SEED=$2; shift 2 ;;
     --base_tries) BASE_TRIES=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -103,3 +103,9 @@ def test_a_rerun_skips_the_kept_miss(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[base_lm] already done" in proc.stdout and "did not learn" not in proc.stdout
     assert not (tmp_path / "calls.log").exists() or "nanopatho.base_lm" not in (tmp_path / "calls.log").read_text()
+
+
+def test_base_seed_picks_stage0s_first_seed(tmp_path):
+    out, proc, base_calls = speedrun(tmp_path, "5", "--base_seed", "5", "--base_tries", "2")
+    assert [c.split()[-1] for c in base_calls] == ["5", "5", "6", "6"]
+    assert (out / "base_lm.seed5").is_dir() and (out / "base_lm" / "seed").read_text() == "6"

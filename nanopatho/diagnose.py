@@ -237,7 +237,7 @@ def main(argv=None):
         result["probe"] = probe_stats(model, tokenizer, probe)
         print(f"reading probe ({args.probe}, {len(probe)} items, names never trained on):")
         print(format_table({f"probe {k}": v for k, v in result["probe"].items()}))
-    missed = unmet(result["probe"], required) if required else []
+    missed = unmet(result.get("probe", {}), required)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

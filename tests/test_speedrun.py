@@ -85,11 +85,27 @@ def test_a_last_miss_goes_on_with_a_warning(tmp_path):
 
 
 @pytest.mark.parametrize("miss, warned", [("", False), ("0", True)])
-def test_one_try_by_default(tmp_path, miss, warned):
-    out, proc, base_calls = speedrun(tmp_path, miss)
+def test_one_try(tmp_path, miss, warned):
+    out, proc, base_calls = speedrun(tmp_path, miss, "--base_tries", "1")
     assert [c.split()[-1] for c in base_calls] == ["0", "0"]
     assert not any(p.name.startswith("base_lm.seed") for p in out.iterdir())
     assert ("warning" in proc.stderr) == warned
+
+
+def test_three_tries_by_default(tmp_path):
+    out, proc, base_calls = speedrun(tmp_path, "0,1,2")
+    assert [c.split()[-1] for c in base_calls] == ["0", "0", "1", "1", "2", "2"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("base_lm.seed")) == ["base_lm.seed0",
+                                                                                           "base_lm.seed1"]
+    assert "warning" in proc.stderr
+
+
+@pytest.mark.parametrize("flags", [("--base_tries", "0"), ("--base_tries", "two"), ("--base_seed", "-1")])
+def test_bad_base_flags_are_refused_before_any_stage(tmp_path, flags):
+    proc = subprocess.run(["bash", "speedrun.sh", *flags], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON="false", OUT=str(tmp_path / "out"), SKIP_SETUP="1"))
+    assert proc.returncode == 2 and "--base_tries wants a count >= 1" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_rerun_skips_the_kept_miss(tmp_path):

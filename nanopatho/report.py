@@ -22,12 +22,13 @@ VLM_STAGES = [("pretrain", "stage 1 pretrain"), ("sft", "stage 2 SFT"), ("rl_grp
               ("rl_dapo", "stage 3 DAPO")]
 VLM_COLUMNS = [  # (column, path inside eval.json "results")
     ("MCQ acc", ("mcq", "accuracy")),
-    ("MCQ unparseable", ("mcq", "unparseable")),
+    ("MCQ unparseable (replies)", ("mcq", "unparseable")),  # a count, not a rate
     ("closed-VQA acc", ("vqa_closed", "accuracy")),
     ("open-VQA F1", ("vqa_open", "f1")),
     ("format rate", ("mcq", "format_rate")),
     ("mean length (tok)", ("mcq", "mean_response_length")),
 ]
+DIGITS = {"wall time (s)": 0, "MCQ unparseable (replies)": 1}  # every other cell: 3
 CLIP_COLUMNS = [
     ("zero-shot acc", ("zeroshot", "accuracy")),
     ("zero-shot bal. acc", ("zeroshot", "balanced_accuracy")),
@@ -389,7 +390,7 @@ def tables_markdown(report, meta):
     lines = ["| model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for stage, label in VLM_STAGES:
         row = report["vlm"][stage]
-        lines.append(f"| {label} | " + " | ".join(fmt(row[c], 0 if c == "wall time (s)" else 3) for c in cols) + " |")
+        lines.append(f"| {label} | " + " | ".join(fmt(row[c], DIGITS.get(c, 3)) for c in cols) + " |")
     lines.append("| chance | " + " | ".join(fmt_chance(report["chance"]["vlm"].get(c)) for c in cols) + " |")
     baseline = ((meta or {}).get("baselines") or {}).get("colour_histogram") or {}
     if baseline and any(baseline_cell(baseline, c) != "—" for c in cols):
@@ -397,7 +398,7 @@ def tables_markdown(report, meta):
                      " | ".join(baseline_cell(baseline, c) for c in cols) + " |")
     ccols = [c for c, _ in CLIP_COLUMNS] + ["wall time (s)"]
     clip = ["| PathoCLIP | " + " | ".join(ccols) + " |", "|" + "---|" * (len(ccols) + 1),
-            "| PathoCLIP | " + " | ".join(fmt(report["clip"][c], 0 if c == "wall time (s)" else 3) for c in ccols) + " |",
+            "| PathoCLIP | " + " | ".join(fmt(report["clip"][c], DIGITS.get(c, 3)) for c in ccols) + " |",
             "| chance | " + " | ".join(fmt_chance(report["chance"]["clip"].get(c)) for c in ccols) + " |"]
     if baseline:
         clip.append("| trivial baseline: " + baseline_label(baseline) + " | " +

@@ -24,7 +24,7 @@ def fake_run(out, seed, mcq_sft, mcq_grpo, letter_top1, f1_sft=0.3, f1_grpo=0.3)
     base = os.path.join(out, f"seed{seed}")
 
     def results(acc, f1):
-        return {"results": {"mcq": {"accuracy": acc, "chance": {"accuracy": 0.25}},
+        return {"results": {"mcq": {"accuracy": acc, "unparseable": seed, "chance": {"accuracy": 0.25}},
                             "vqa_open": {"f1": f1, "chance": {"f1": 0.08}}}}
     write(os.path.join(base, "sft", "eval.json"), results(mcq_sft, f1_sft))
     write(os.path.join(base, "rl_grpo", "eval.json"), results(mcq_grpo, f1_grpo))
@@ -65,6 +65,7 @@ def test_report_from_constructed_runs(tmp_path, monkeypatch):
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old numbers" not in text
     assert f"| {ROLE} | 1.400 ± 0.000 | 1.386 | 0.300 ± 0.100 | 0.250 |" in text
     assert "0.400 ± 0.100" in text  # SFT MCQ mean ± std in the VLM table
+    assert "| 0.400 ± 0.100 | 0.5 ± 0.5 |" in text  # unparseable replies (0 and 1) are a count, not a rate
 
 
 def test_no_diagnose_files_means_no_role_table(tmp_path):

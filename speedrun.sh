@@ -5,8 +5,9 @@
 #   -> stage 1 pretrain (continues the base LM) -> stage 2 SFT -> stage 3 RL twice from the same
 #   SFT model (GRPO, DAPO) -> evaluation -> out/report.md
 #
-#   bash speedrun.sh                      # toy preset, seed 0 (~53 min on 2 CPU cores: stage 0 ~10 + ~2, 0v ~5, the seed ~35)
-#   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report (~124 min)
+#   bash speedrun.sh                      # toy preset, seed 0 (~2 h on 2 CPU cores, session 22: stage 0 ~19 min a try,
+#                                         # up to 3 tries, 0v ~7, the seed ~55)
+#   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report (~55 min more a seed)
 #   bash speedrun.sh --preset small       # one GPU
 #   bash speedrun.sh --update_readme      # also rewrite README.md's results section from the report
 #   bash speedrun.sh --base_tries 1       # one stage-0 seed (default 3: the next seed while its probe check is < 0.8)
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     --update_readme) README_FLAG=(--readme README.md); shift ;;
     --base_seed) BASE_SEED=$2; shift 2 ;;
     --base_tries) BASE_TRIES=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -112,14 +112,15 @@ def collect(out, seeds):
 
 def time_per_seed(times, shared, n_seeds):
     """What one seed of the speedrun costs: its stages and evaluations (out/seed<k>/times.jsonl, which holds
-    an "evaluate" line for the evaluation block), plus the shared stages (stage 0, 0v) counted once and
+    one "evaluate/<what>" line an evaluation, or one "evaluate" line for the whole block before session 23), plus the shared stages (stage 0, 0v) counted once and
     split over the seeds, as the issue-15 budget counts them. Seconds; None where no seed has times."""
     seed = summarise([sum(t.values()) if t else None for t in times.values()])
     if seed is None:
         return None
     shared_total = sum(shared.values())
     return {"seed": seed, "shared": shared_total, "per_seed": seed["mean"] + shared_total / max(n_seeds, 1),
-            "evaluate": summarise([t.get("evaluate") for t in times.values()])}
+            "evaluate": summarise([sum(v for k, v in t.items() if k.split("/")[0] == "evaluate") if t else None
+                                   for t in times.values()])}
 
 
 def mcq_by_type(evals, seeds):

@@ -250,8 +250,9 @@ def test_time_a_seed_counts_shared_stages_once(tmp_path):
     out = str(tmp_path)
     times_file(os.path.join(out, "times.jsonl"), [("base_lm", 300), ("base_lm_near", 60), ("base_vision", 240)])
     times_file(os.path.join(out, "seed0", "times.jsonl"), [("clip", 60), ("sft", 100), ("evaluate", 40)])
-    times_file(os.path.join(out, "seed1", "times.jsonl"), [("clip", 80), ("sft", 120), ("evaluate", 40),
-                                                            ("evaluate", 60)])  # a rerun's evaluation: the last line
+    times_file(os.path.join(out, "seed1", "times.jsonl"), [("clip", 80), ("sft", 120), ("evaluate/eval_sft", 40),
+                                                            ("evaluate/eval_sft", 45),  # evaluated again: the last line
+                                                            ("evaluate/diagnose_sft", 15)])
     r = report.collect(out, [0, 1])
     # by hand: seeds 200 and 260 s -> mean 230; shared 600 s over 2 seeds -> 300; 530 s a seed
     assert r["time"]["seed"]["mean"] == pytest.approx(230)

@@ -25,16 +25,20 @@ if args[0] == "-c":          # prepare.stale: the world is current
     sys.exit(0)
 value = lambda flag: args[args.index(flag) + 1] if flag in args else None
 module = value("-m") or args[0]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    kind = "trains" if value("--out_dir") else "reads"
+    f.write(f"{module} {kind} {value('--out_dir') or value('--ckpt') or value('--init')} seed {value('--seed')}\n")
 if value("--out_dir"):
     os.makedirs(value("--out_dir"), exist_ok=True)
     open(os.path.join(value("--out_dir"), "model.safetensors"), "w").close()
     with open(os.path.join(value("--out_dir"), "seed"), "w") as f:
         f.write(value("--seed") or "0")
-    with open(os.environ["FAKE_LOG"], "a") as f:
-        f.write(f"{module} {value('--out_dir')} seed {value('--seed')}\n")
     print(f"[{module.split('.')[-1]}] done")
 elif value("--out") and module != "nanopatho.report":
     with open(value("--out"), "w") as f:
+        json.dump({}, f)
+elif module == "nanopatho.evaluate":
+    with open(os.path.join(value("--ckpt"), "eval.json"), "w") as f:
         json.dump({}, f)
 if module == "nanopatho.diagnose" and value("--require"):
     with open(os.path.join(value("--ckpt"), "seed")) as f:
@@ -56,7 +60,7 @@ def speedrun(tmp_path, miss, *flags):
     assert proc.returncode == 0, proc.stderr[-2000:]
     log = tmp_path / "calls.log"
     calls = log.read_text().splitlines() if log.exists() else []  # none when every stage was already done
-    return out, proc, [c for c in calls if c.startswith("nanopatho.base_lm")]
+    return out, proc, [c for c in calls if c.startswith("nanopatho.base_lm ")]
 
 
 def times(out):
@@ -121,3 +125,30 @@ def test_base_seed_picks_stage0s_first_seed(tmp_path):
     out, proc, base_calls = speedrun(tmp_path, "5", "--base_seed", "5", "--base_tries", "2")
     assert [c.split()[-1] for c in base_calls] == ["5", "5", "6", "6"]
     assert (out / "base_lm.seed5").is_dir() and (out / "base_lm" / "seed").read_text() == "6"
+
+
+def evaluations(tmp_path):
+    """(module, checkpoint) of the calls that read a seed's checkpoint (evaluate, diagnose, perception, readout)."""
+    with open(tmp_path / "calls.log") as f:
+        rows = [line.split() for line in f]
+    return [(r[0], r[2]) for r in rows if r[1] == "reads" and os.sep + "seed0" + os.sep in r[2]]
+
+
+def test_a_rerun_skips_evaluations_already_done_and_redoes_a_retrained_models(tmp_path):
+    """Resume: an evaluation whose output is newer than its model is not run again, and adds no time row; a model
+    trained again after its evaluation (here rl_dapo's, made newer) is evaluated again and timed again."""
+    out, _, _ = speedrun(tmp_path, "")
+    first = evaluations(tmp_path)
+    assert [m for m, _ in first].count("nanopatho.evaluate") == 4 and len(first) == 9  # + 2 diagnose, 2 perception, readout
+    (tmp_path / "calls.log").unlink()
+    _, proc, _ = speedrun(tmp_path, "")
+    assert evaluations(tmp_path) == [] and "[eval] rl_dapo" in proc.stdout
+    timed = [t for t in times(out / "seed0") if t.startswith("evaluate/")]
+    assert len(timed) == 9 and "evaluate/perception_clip" in timed
+    dapo = out / "seed0" / "rl_dapo" / "model.safetensors"
+    later = os.stat(dapo.parent / "eval.json").st_mtime + 10
+    os.utime(dapo, (later, later))
+    (tmp_path / "calls.log").unlink()
+    speedrun(tmp_path, "")
+    assert evaluations(tmp_path) == [("nanopatho.evaluate", str(dapo.parent))]
+    assert [t for t in times(out / "seed0") if t.startswith("evaluate/")] == timed + ["evaluate/eval_rl_dapo"]

@@ -68,11 +68,10 @@ stage() {  # stage NAME LOGFILE CMD... : run, time, keep the log, print its summ
   echo "{\"stage\": \"$name\", \"seconds\": $((SECONDS - t0))}" >> "$(dirname "$log")/times.jsonl"
 }
 
-fresh() {  # fresh FILE DIR: FILE exists and is newer than DIR/model.safetensors (an evaluation already done)
-  [ -f "$1" ] && [ "$1" -nt "$2/model.safetensors" ]
-}
-run_eval() {  # run_eval LOGFILE ARGS...: $PYTHON ARGS > LOGFILE, timed as "evaluate/<log name>" (the report sums them)
-  local log=$1 t0=$SECONDS; shift
+evaluation() {  # evaluation OUTPUT LOGFILE ARGS...: $PYTHON ARGS > LOGFILE, timed as "evaluate/<log name>" (the
+  # report sums them); skipped when OUTPUT is newer than the model beside it (done by an earlier, resumed run)
+  local out=$1 log=$2 t0=$SECONDS; shift 2
+  if [ -f "$out" ] && [ "$out" -nt "$(dirname "$out")/model.safetensors" ]; then return 0; fi
   $PYTHON "$@" > "$log" 2>&1 || { local rc=$?; echo "evaluation failed (exit $rc), see $log" >&2; exit "$rc"; }
   echo "{\"stage\": \"evaluate/$(basename "$log" .log)\", \"seconds\": $((SECONDS - t0))}" >> "$(dirname "$log")/times.jsonl"
 }
@@ -154,27 +153,26 @@ for SEED in ${SEEDS//,/ }; do
     --out_dir "$O/rl_grpo"
   stage rl_dapo "$O/rl_dapo.log" $PYTHON train_rl.py "${common[@]}" --algo dapo --init "$O/sft" "${RL_TYPES[@]}" \
     --out_dir "$O/rl_dapo"
-  # each evaluation is skipped when its output is newer than the model it reads (a resumed speedrun): a resume
-  # neither redoes nor recounts it, and a model trained again is evaluated again
+  # a resume neither redoes nor recounts an evaluation already done, and evaluates a model trained again
   for CK in pretrain sft rl_grpo rl_dapo; do
-    fresh "$O/$CK/eval.json" "$O/$CK" || run_eval "$O/eval_$CK.log" -m nanopatho.evaluate --ckpt "$O/$CK" --data "$DATA" \
+    evaluation "$O/$CK/eval.json" "$O/eval_$CK.log" -m nanopatho.evaluate --ckpt "$O/$CK" --data "$DATA" \
       --tasks mcq,vqa --max_new_tokens 256
     echo "[eval] $CK: $(grep -E '^mcq +accuracy +[0-9]' "$O/eval_$CK.log" | tr -s ' ')"
   done
   # where the loss sits: option letters vs the rest of the reply (SFT held-out rows), and the reading probe
   for CK in pretrain sft; do
-    fresh "$O/$CK/diagnose.json" "$O/$CK" || run_eval "$O/diagnose_$CK.log" -m nanopatho.diagnose --ckpt "$O/$CK" \
-      --data "$DATA" --probe reading_probe.jsonl --out "$O/$CK/diagnose.json"
+    evaluation "$O/$CK/diagnose.json" "$O/diagnose_$CK.log" -m nanopatho.diagnose --ckpt "$O/$CK" --data "$DATA" \
+      --probe reading_probe.jsonl --out "$O/$CK/diagnose.json"
   done
   # what the towers' features hold about the tumour attributes (linear heads on frozen features, fresh tiles),
   # and what the stage-1 LM says about the same tiles after "Tumour findings: <finding> is"
   if [ "$PRESET" = toy ]; then
     for CK in clip sft; do
-      fresh "$O/$CK/perception.json" "$O/$CK" || run_eval "$O/perception_$CK.log" -m data.synthpath.perception \
-        --init "$O/$CK" --frozen --out "$O/$CK/perception.json"
+      evaluation "$O/$CK/perception.json" "$O/perception_$CK.log" -m data.synthpath.perception --init "$O/$CK" \
+        --frozen --out "$O/$CK/perception.json"
     done
-    fresh "$O/pretrain/readout.json" "$O/pretrain" || run_eval "$O/readout_pretrain.log" -m data.synthpath.readout \
-      --ckpt "$O/pretrain" --out "$O/pretrain/readout.json"
+    evaluation "$O/pretrain/readout.json" "$O/readout_pretrain.log" -m data.synthpath.readout --ckpt "$O/pretrain" \
+      --out "$O/pretrain/readout.json"
   fi
 done
 

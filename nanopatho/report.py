@@ -111,9 +111,10 @@ def collect(out, seeds):
 
 
 def time_per_seed(times, shared, n_seeds):
-    """What one seed of the speedrun costs: its stages and evaluations (out/seed<k>/times.jsonl, which holds
-    one "evaluate/<what>" line an evaluation, or one "evaluate" line for the whole block before session 23), plus the shared stages (stage 0, 0v) counted once and
-    split over the seeds, as the issue-15 budget counts them. Seconds; None where no seed has times."""
+    """What one seed of the speedrun costs: its stages and evaluations (out/seed<k>/times.jsonl: a line a stage
+    and a line an evaluation, "evaluate/<log name>"; runs before session 23 have one "evaluate" line for them all),
+    plus the shared stages (stage 0, 0v) counted once and split over the seeds, as the issue-15 budget counts them.
+    Seconds; None where no seed has times."""
     seed = summarise([sum(t.values()) if t else None for t in times.values()])
     if seed is None:
         return None

@@ -132,7 +132,7 @@ def test_probe_names_never_in_training_names():
              for m in row["messages"]]
     side_by_side = set()
     for text in train:
-        words = re.findall(r"[a-z]+", text.lower())
+        words = re.findall(r"[a-z]+|[0-9]", text.lower())
         side_by_side |= set(zip(words, words[1:]))
     hand = R.unseen_pairs(["Finding: Basal crypts."])
     assert "basal crypts" not in hand and "crypts basal" in hand and "finding basal" not in hand
@@ -149,6 +149,25 @@ def test_probe_names_never_in_training_names():
             assert (first, second) not in side_by_side and {first, second} <= set(R.TRAIN_WORDS)
     with pytest.raises(ValueError, match="never stand side by side"):
         R.probe_rows(np.random.default_rng(7), 4, [f"{a} {b}" for a in R.TRAIN_WORDS for b in R.TRAIN_WORDS])
+
+
+def test_every_tumour_option_word_is_trained_in_stage_0():
+    """The tumour MCQs' option texts are text.attribute_options(), and every word of them stands in stage 0's
+    rows, never among the probe's held-out words: a word no stage-0 row holds keeps an untrained embedding,
+    which the base LM cannot copy ("low grade, without necrosis" stayed uncopyable until session 25)."""
+    from data.synthpath import text as T
+    from data.synthpath.world import sample_attributes
+
+    rng = np.random.default_rng(8)
+    asked = {o[3:] for qtype in ("grade", "mitoses", "glands", "pleomorphism") for _ in range(60)
+             for o in T.ask(rng, qtype, "mcq", "TUM", sample_attributes(rng, "TUM"))["options"]}
+    assert asked == set(T.attribute_options())
+    words = {w for text in asked for w in re.findall(r"[a-z]+|[0-9]", text)}
+    assert {"low", "without", "mild", "poorly", "0", "4"} <= words
+    assert words <= set(R.TRAIN_WORDS) and not words & set(R.PROBE_WORDS)
+    rows = " ".join(m["content"] for level in R.LEVELS for row in R.reading_rows(np.random.default_rng(9), 300, level)
+                    for m in row["messages"])
+    assert words <= set(re.findall(r"[a-z]+|[0-9]", rows.lower()))
 
 
 def test_level_at_hand_case():
@@ -190,5 +209,5 @@ def test_level0_drills_answer_in_one_terse_reply():
         assert reply == walk_of(options, finding)
         (user, reply), = [(m["content"] for m in R.reading_row(rng, "same", 0)["messages"])]
         finding = re.fullmatch(r"Finding: (.+)\.", user).group(1)
-        for name, answer in re.findall(r"([a-z -]+?): (yes|no)\.", reply):
+        for name, answer in re.findall(r"([a-z0-9 -]+?): (yes|no)\.", reply):
             assert answer == ("yes" if name.strip() == finding else "no")

@@ -36,7 +36,8 @@ import re
 
 import numpy as np
 
-from data.synthpath.text import CLASS_INFO, DENSITY, GLANDS, GRADE_RULE, LETTERS, PLEO, SIZE, walk_options
+from data.synthpath.text import (CLASS_INFO, DENSITY, GLANDS, GRADE_RULE, LETTERS, PLEO, SIZE, attribute_options,
+                                  walk_options)
 from nanopatho.prompts import SYSTEM_PROMPT
 
 SKILLS = ("copy", "option", "read", "same")
@@ -47,16 +48,18 @@ TERMS = sorted({s for _, syn, _ in CLASS_INFO.values() for s in syn})  # SynthPa
 
 def _vocabulary():
     """SynthPath's own words (class names, descriptions, attribute phrases): each one BPE token, so a
-    name of one or two words is as short as the real options. Every 5th word that no tissue name uses
-    is held out of stage 0's rows. (An earlier probe built its names from them: a word no stage-0 row
-    holds keeps an untrained embedding, so the base LM could not copy it whatever its skill. The split
-    stays so stage 0's rows, and the base LM trained on them, stay the same.)"""
+    name of one or two words is as short as the real options. Every 5th word that no tissue name and no
+    tumour MCQ option uses is held out of stage 0's rows, for the reading probe: a word no stage-0 row
+    holds keeps an untrained embedding, so the base LM cannot copy it whatever its skill. That is why
+    every word of the MCQ options ("low", "without", "mild", the counts 0-4) is a training word: held
+    out, it left the tumour questions' options uncopyable (issue-15 note, session 25)."""
     texts = [t for name, syn, desc in CLASS_INFO.values() for t in [name, *syn, *desc]]
     texts += [p for table in (DENSITY, SIZE, PLEO, GLANDS) for phrases in table.values() for p in phrases]
     words = sorted({w for t in texts + [GRADE_RULE] for w in re.findall(r"[a-z]+", t.lower()) if len(w) > 2})
-    in_terms = {w for t in TERMS for w in re.findall(r"[a-z]+", t)}
-    probe = [w for w in words if w not in in_terms][::5]
-    return [w for w in words if w not in probe], probe
+    options = {w for t in attribute_options() for w in re.findall(r"[a-z]+|[0-9]", t)}
+    kept = {w for t in TERMS for w in re.findall(r"[a-z]+", t)} | options
+    probe = [w for w in words if w not in kept][::5]
+    return sorted(set(words) - set(probe) | options), probe
 
 
 TRAIN_WORDS, PROBE_WORDS = _vocabulary()
@@ -77,7 +80,7 @@ def unseen_pairs(texts):
     """Two-word names whose words stand side by side in none of `texts` (what the training stages read)."""
     seen = set()
     for text in texts:
-        words = re.findall(r"[a-z]+", text.lower())
+        words = re.findall(r"[a-z]+|[0-9]", text.lower())
         seen.update(zip(words, words[1:]))
     return [f"{a} {b}" for a in TRAIN_WORDS for b in TRAIN_WORDS if a != b and (a, b) not in seen]
 

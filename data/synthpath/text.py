@@ -253,6 +253,19 @@ def _yesno(rng, qtype, cls, attrs, target):
     return pick(rng, ["Is extracellular mucin present?", "Are there pools of mucin?"]), "yes" if attrs["mucin"] else "no", None
 
 
+GLAND_OPTIONS = {"good": "well-formed glands", "moderate": "moderately formed, irregular glands",
+                 "poor": "poorly formed, solid sheets"}
+PLEO_OPTIONS = {"mild": "mild pleomorphism", "moderate": "moderate pleomorphism", "marked": "marked pleomorphism"}
+
+
+def attribute_options():
+    """Every option text of the tumour MCQs (grade, mitoses, glands, pleomorphism): the words stage 0's
+    reading rows must hold, so the base LM can copy them (data/synthpath/reading.py)."""
+    grades = [f"{g} grade, {'with' if n else 'without'} necrosis" for g in ("low", "high") for n in (False, True)]
+    return (grades + [str(i) for i in range(5)] + list(GLAND_OPTIONS.values()) + ["no epithelium present"]
+            + list(PLEO_OPTIONS.values()) + ["no nuclei present"])
+
+
 def _mcq(rng, qtype, cls, attrs, pos):
     if qtype == "tissue":
         q = pick(rng, ["Which tissue type is shown in this image?", "What does this H&E tile show?", "Identify the tissue in this tile."])
@@ -266,12 +279,10 @@ def _mcq(rng, qtype, cls, attrs, pos):
         return ("How many mitotic figures are visible in this tile?",) + _options(
             rng, str(attrs["mitoses"]), [c for c in counts if c != str(attrs["mitoses"])], pos)
     if qtype == "glands":
-        levels = {"good": "well-formed glands", "moderate": "moderately formed, irregular glands", "poor": "poorly formed, solid sheets"}
-        wrong = [v for k, v in levels.items() if k != attrs["gland_formation"]] + ["no epithelium present"]
-        return ("How well does this tumour form glands?",) + _options(rng, levels[attrs["gland_formation"]], wrong, pos)
-    levels = {"mild": "mild pleomorphism", "moderate": "moderate pleomorphism", "marked": "marked pleomorphism"}
-    wrong = [v for k, v in levels.items() if k != attrs["pleomorphism"]] + ["no nuclei present"]
-    return ("How pleomorphic are the tumour nuclei?",) + _options(rng, levels[attrs["pleomorphism"]], wrong, pos)
+        wrong = [v for k, v in GLAND_OPTIONS.items() if k != attrs["gland_formation"]] + ["no epithelium present"]
+        return ("How well does this tumour form glands?",) + _options(rng, GLAND_OPTIONS[attrs["gland_formation"]], wrong, pos)
+    wrong = [v for k, v in PLEO_OPTIONS.items() if k != attrs["pleomorphism"]] + ["no nuclei present"]
+    return ("How pleomorphic are the tumour nuclei?",) + _options(rng, PLEO_OPTIONS[attrs["pleomorphism"]], wrong, pos)
 
 
 SHORT = {

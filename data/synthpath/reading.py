@@ -46,6 +46,11 @@ FILLER_WORDS = 16  # the image's 16 positions in the real prompt
 TERMS = sorted({s for _, syn, _ in CLASS_INFO.values() for s in syn})  # SynthPath tissue names and synonyms
 
 
+def _words(text):
+    """The words of a text as stage 0 counts them: lower-case runs of letters, and single digits (counts)."""
+    return re.findall(r"[a-z]+|[0-9]", text.lower())
+
+
 def _vocabulary():
     """SynthPath's own words (class names, descriptions, attribute phrases): each one BPE token, so a
     name of one or two words is as short as the real options. Every 5th word that no tissue name and no
@@ -56,7 +61,7 @@ def _vocabulary():
     texts = [t for name, syn, desc in CLASS_INFO.values() for t in [name, *syn, *desc]]
     texts += [p for table in (DENSITY, SIZE, PLEO, GLANDS) for phrases in table.values() for p in phrases]
     words = sorted({w for t in texts + [GRADE_RULE] for w in re.findall(r"[a-z]+", t.lower()) if len(w) > 2})
-    options = {w for t in attribute_options() for w in re.findall(r"[a-z]+|[0-9]", t)}
+    options = {w for t in attribute_options() for w in _words(t)}
     kept = {w for t in TERMS for w in re.findall(r"[a-z]+", t)} | options
     probe = [w for w in words if w not in kept][::5]
     return sorted(set(words) - set(probe) | options), probe
@@ -80,7 +85,7 @@ def unseen_pairs(texts):
     """Two-word names whose words stand side by side in none of `texts` (what the training stages read)."""
     seen = set()
     for text in texts:
-        words = re.findall(r"[a-z]+|[0-9]", text.lower())
+        words = _words(text)
         seen.update(zip(words, words[1:]))
     return [f"{a} {b}" for a in TRAIN_WORDS for b in TRAIN_WORDS if a != b and (a, b) not in seen]
 

@@ -253,36 +253,40 @@ def _yesno(rng, qtype, cls, attrs, target):
     return pick(rng, ["Is extracellular mucin present?", "Are there pools of mucin?"]), "yes" if attrs["mucin"] else "no", None
 
 
+def grade_option(grade, necrosis):
+    """The grade MCQ's option text: two findings in one, "high grade, without necrosis"."""
+    return f"{grade} grade, {'with' if necrosis else 'without'} necrosis"
+
+
+# the tumour MCQs' option texts; each question's options are its right one and the others of its table
+GRADE_OPTIONS = [grade_option(g, n) for g in ("low", "high") for n in (False, True)]
+COUNT_OPTIONS = [str(i) for i in range(5)]
 GLAND_OPTIONS = {"good": "well-formed glands", "moderate": "moderately formed, irregular glands",
-                 "poor": "poorly formed, solid sheets"}
-PLEO_OPTIONS = {"mild": "mild pleomorphism", "moderate": "moderate pleomorphism", "marked": "marked pleomorphism"}
+                 "poor": "poorly formed, solid sheets", None: "no epithelium present"}
+PLEO_OPTIONS = {"mild": "mild pleomorphism", "moderate": "moderate pleomorphism", "marked": "marked pleomorphism",
+                None: "no nuclei present"}
 
 
 def attribute_options():
     """Every option text of the tumour MCQs (grade, mitoses, glands, pleomorphism): the words stage 0's
     reading rows must hold, so the base LM can copy them (data/synthpath/reading.py)."""
-    grades = [f"{g} grade, {'with' if n else 'without'} necrosis" for g in ("low", "high") for n in (False, True)]
-    return (grades + [str(i) for i in range(5)] + list(GLAND_OPTIONS.values()) + ["no epithelium present"]
-            + list(PLEO_OPTIONS.values()) + ["no nuclei present"])
+    return GRADE_OPTIONS + COUNT_OPTIONS + list(GLAND_OPTIONS.values()) + list(PLEO_OPTIONS.values())
 
 
 def _mcq(rng, qtype, cls, attrs, pos):
     if qtype == "tissue":
         q = pick(rng, ["Which tissue type is shown in this image?", "What does this H&E tile show?", "Identify the tissue in this tile."])
         return (q,) + _options(rng, NAME[cls], [NAME[c] for c in CLASSES if c != cls], pos)
-    if qtype == "grade":
-        combos = [f"{g} grade, {'with' if n else 'without'} necrosis" for g in ("low", "high") for n in (False, True)]
-        right = f"{attrs['grade']} grade, {'with' if attrs['necrosis'] else 'without'} necrosis"
-        return ("Which statement describes this adenocarcinoma?",) + _options(rng, right, [c for c in combos if c != right], pos)
-    if qtype == "mitoses":
-        counts = [str(i) for i in range(5)]
-        return ("How many mitotic figures are visible in this tile?",) + _options(
-            rng, str(attrs["mitoses"]), [c for c in counts if c != str(attrs["mitoses"])], pos)
-    if qtype == "glands":
-        wrong = [v for k, v in GLAND_OPTIONS.items() if k != attrs["gland_formation"]] + ["no epithelium present"]
-        return ("How well does this tumour form glands?",) + _options(rng, GLAND_OPTIONS[attrs["gland_formation"]], wrong, pos)
-    wrong = [v for k, v in PLEO_OPTIONS.items() if k != attrs["pleomorphism"]] + ["no nuclei present"]
-    return ("How pleomorphic are the tumour nuclei?",) + _options(rng, PLEO_OPTIONS[attrs["pleomorphism"]], wrong, pos)
+    q, right, table = {
+        "grade": ("Which statement describes this adenocarcinoma?", grade_option(attrs["grade"], attrs["necrosis"]),
+                  GRADE_OPTIONS),
+        "mitoses": ("How many mitotic figures are visible in this tile?", str(attrs["mitoses"]), COUNT_OPTIONS),
+        "glands": ("How well does this tumour form glands?", GLAND_OPTIONS[attrs["gland_formation"]],
+                   list(GLAND_OPTIONS.values())),
+        "pleomorphism": ("How pleomorphic are the tumour nuclei?", PLEO_OPTIONS[attrs["pleomorphism"]],
+                         list(PLEO_OPTIONS.values())),
+    }[qtype]
+    return (q,) + _options(rng, right, [o for o in table if o != right], pos)
 
 
 SHORT = {

@@ -3,7 +3,8 @@
 A stage's output directory looks like this:
 
     out/sft/
-      config.json  model.safetensors  tokenizer.json       the final model (next stage reads these)
+      config.json  model.safetensors  tokenizer.json       the final model (next stage reads these); config.json's
+                                                           "code" names the git commit that trained it
       checkpoints/step_000200/                             a resumable snapshot, one per --save_every
           config.json model.safetensors tokenizer.json
           train_state.safetensors                          optimizer tensors + RNG byte states
@@ -23,11 +24,13 @@ complete, so a crash mid-save leaves the previous snapshots intact; `latest_chec
 ignores the temporary names.
 """
 
+import functools
 import importlib
 import json
 import os
 import random
 import shutil
+import subprocess
 import time
 
 import numpy as np
@@ -81,12 +84,33 @@ def read_json(path, missing_hint=" (is this a nanopatho checkpoint directory?)")
         raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout nanopatho/ runs from
+
+
+@functools.cache
+def code_version(repo=PACKAGE_ROOT):
+    """{"commit": short hash, "dirty": uncommitted changes to tracked files} of the git checkout `repo` (by
+    default the one this package runs from), asked once per process; None outside a git checkout (a wheel)."""
+
+    def git(*args):
+        return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": dirty}
+
+
 def _write_files(directory, model, tokenizer, run_config, state=None):
     """config.json + model.safetensors + tokenizer.json into `directory`, each file atomically.
     `state`: the weights to write, when they are not model.state_dict() (FSDP: fsdp.full_state)."""
     os.makedirs(directory, exist_ok=True)
     model = unwrap(model)
-    config = {"model_type": model_type_of(model), "model": model.config.to_dict(), "run": run_config or {}}
+    config = {"model_type": model_type_of(model), "model": model.config.to_dict(), "run": run_config or {},
+              "code": code_version()}
     state = untied_state(model) if state is None else state
     for name, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():

@@ -6,7 +6,8 @@
 Reads out/seed<k>/<stage>/eval.json, out/seed<k>/{pretrain,sft}/diagnose.json, out/base_lm/diagnose.json
 (stage 0's reading probe), out/base_vision/eval.json and out/seed<k>/{clip,sft}/perception.json (what the vision
 towers see), out/times.jsonl (the shared stage-0 times), out/seed<k>/times.jsonl,
-<data>/meta.json (chance levels and the trivial baseline) and the metrics.jsonl curves; writes out/report.json, out/report.md
+<data>/meta.json (chance levels and the trivial baseline), the metrics.jsonl curves and each model's config.json
+(the commit that trained it); writes out/report.json, out/report.md
 and, when matplotlib is installed, out/curves.png. Nothing in the tables is typed by hand.
 """
 
@@ -419,16 +420,31 @@ def baseline_cell(baseline, column):
     return "—" if value is None else f"{value:.3f}"
 
 
-def machine_info():
+def trained_by(out, seeds):
+    """"commit[, commit...]" named by the config.json of every model in the run (checkpoint.code_version), "+dirty"
+    where the checkout had uncommitted changes; None when no model records one (checkpoints older than the record)."""
+    dirs = [os.path.join(out, st) for st in ("base_lm", "base_lm_near", "base_vision")]
+    dirs += [os.path.join(out, f"seed{s}", st) for s in seeds for st in ("clip", "pretrain", "sft", "rl_grpo", "rl_dapo")]
+    codes = [dig(read_json(os.path.join(d, "config.json")), ("code",)) for d in dirs]
+    names = {c["commit"] + ("+dirty" if c["dirty"] else "") for c in codes if c}
+    return ", ".join(sorted(names)) or None
+
+
+def machine_info(out, seeds):
+    """Where and when the report was written, and the commit(s) that trained its models (the report's own
+    checkout's HEAD, marked so, for runs whose checkpoints do not record one)."""
     import torch
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = trained_by(out, seeds)
+    if commit is None:
+        try:
+            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            head = ""
+        commit = f"{head or 'unknown'} (the report's checkout; the models record none)"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "commit": commit or "unknown"}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "commit": commit}
 
 
 def plot_curves(out, seeds, path):
@@ -525,7 +541,7 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     meta = read_json(os.path.join(args.data, "meta.json"))
     report = collect(args.out, seeds)
-    info = machine_info()
+    info = machine_info(args.out, seeds)
     claim_rows = claims(report, args.preset)
     curve_note = plot_curves(args.out, seeds, os.path.join(args.out, "curves.png"))
     md = write_markdown(report, meta, info, claim_rows, curve_note, seeds, args.preset)
@@ -541,7 +557,8 @@ def main(argv=None):
                               tower_markdown(report["tower_perception"], report["base_vision_seconds"]),
                               roles_markdown(report["sft_token_roles"]),
                               probe_markdown(report["reading_probe"], shared_seconds(report))) if t]
-        rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, commit {info['commit']}, "
+        rewrite_readme(args.readme, f"From `{args.out}/report.json` ({info['date']}, "
+                       f"{'commits' if ',' in info['commit'] else 'commit'} {info['commit']}, "
                        f"preset {args.preset}, seeds {args.seeds}, {info['cpus']} CPUs, torch {info['torch']}):\n\n" +
                        "\n\n".join(tables) + "\n\n" +
                        "\n".join(f"- {'info' if ok is None else ('PASS' if ok else 'FAIL')}: {c} — {n}"

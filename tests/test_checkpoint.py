@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -70,6 +71,25 @@ def test_planted_pickle_is_never_read(tmp_path, tok):
             pickle.dump(Boom(), f)
     checkpoint.load(str(d))
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_config_names_the_commit_that_saved_it(tmp_path, tok):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path / "repo"), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert checkpoint.code_version(str(tmp_path)) is None  # not a git checkout
+    (tmp_path / "repo").mkdir()
+    git("init", "-q")
+    (tmp_path / "repo" / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    assert checkpoint.code_version(str(tmp_path / "repo")) == {"commit": git("rev-parse", "--short", "HEAD"), "dirty": False}
+    (tmp_path / "repo" / "a.py").write_text("x = 2\n")  # an uncommitted edit of a tracked file
+    checkpoint.code_version.cache_clear()
+    assert checkpoint.code_version(str(tmp_path / "repo"))["dirty"] is True
+    d = tmp_path / "ck"
+    checkpoint.save_model(str(d), tiny_vlm(tok), tok)
+    assert json.loads((d / "config.json").read_text())["code"] == checkpoint.code_version()  # this checkout's
 
 
 def test_refuses_to_save_nonfinite_weights(tmp_path, tok):

@@ -271,3 +271,17 @@ def test_time_a_seed_counts_shared_stages_once(tmp_path):
 def test_no_times_means_no_time_claim(tmp_path):
     r = report.collect(str(tmp_path), [0])
     assert r["time"] is None and not any("a seed" in c[0] for c in report.claims(r))
+
+
+def test_commit_is_the_one_the_models_record(tmp_path):
+    out = str(tmp_path / "out")
+    assert report.trained_by(out, [0, 1]) is None  # no model records one
+    assert "(the report's checkout" in report.machine_info(out, [0, 1])["commit"]
+    write(os.path.join(out, "base_lm", "config.json"), {"code": {"commit": "abc1234", "dirty": False}})
+    write(os.path.join(out, "seed0", "sft", "config.json"), {"code": {"commit": "abc1234", "dirty": False}})
+    write(os.path.join(out, "seed1", "sft", "config.json"), {"code": None})  # trained outside a git checkout
+    assert report.machine_info(out, [0, 1])["commit"] == "abc1234"
+    write(os.path.join(out, "seed1", "rl_dapo", "config.json"), {"code": {"commit": "abc1234", "dirty": True}})
+    write(os.path.join(out, "seed0", "clip", "config.json"), {"code": {"commit": "0ff1ce0", "dirty": False}})
+    assert report.trained_by(out, [0, 1]) == "0ff1ce0, abc1234, abc1234+dirty"
+    assert report.trained_by(out, [0]) == "0ff1ce0, abc1234"  # seed 1 is not in this report

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 
 VLM_STAGES = [("pretrain", "stage 1 pretrain"), ("sft", "stage 2 SFT"), ("rl_grpo", "stage 3 GRPO"),
               ("rl_dapo", "stage 3 DAPO")]
@@ -420,27 +419,29 @@ def baseline_cell(baseline, column):
     return "—" if value is None else f"{value:.3f}"
 
 
+def code_name(code):
+    """checkpoint.code_version's record as text: "abc1234", or "abc1234+dirty" with uncommitted edits."""
+    return code["commit"] + ("+dirty" if code["dirty"] else "")
+
+
 def trained_by(out, seeds):
-    """"commit[, commit...]" named by the config.json of every model in the run (checkpoint.code_version), "+dirty"
-    where the checkout had uncommitted changes; None when no model records one (checkpoints older than the record)."""
-    dirs = [os.path.join(out, st) for st in ("base_lm", "base_lm_near", "base_vision")]
-    dirs += [os.path.join(out, f"seed{s}", st) for s in seeds for st in ("clip", "pretrain", "sft", "rl_grpo", "rl_dapo")]
+    """"commit[, commit...]" named by the config.json of every model in the run (checkpoint.code_version); None
+    when no model records one (checkpoints older than the record)."""
+    dirs = [os.path.join(out, st) for st in SHARED_STAGES + ("base_vision",)]
+    dirs += [os.path.join(out, f"seed{s}", st) for s in seeds for st in ["clip"] + [k for k, _ in VLM_STAGES]]
     codes = [dig(read_json(os.path.join(d, "config.json")), ("code",)) for d in dirs]
-    names = {c["commit"] + ("+dirty" if c["dirty"] else "") for c in codes if c}
-    return ", ".join(sorted(names)) or None
+    return ", ".join(sorted({code_name(c) for c in codes if c})) or None
 
 
 def machine_info(out, seeds):
     """Where and when the report was written, and the commit(s) that trained its models (the report's own
-    checkout's HEAD, marked so, for runs whose checkpoints do not record one)."""
+    checkout, marked so, for runs whose checkpoints do not record one)."""
     import torch
+    from nanopatho.checkpoint import code_version
     commit = trained_by(out, seeds)
     if commit is None:
-        try:
-            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            head = ""
-        commit = f"{head or 'unknown'} (the report's checkout; the models record none)"
+        own = code_version()
+        commit = f"{code_name(own) if own else 'unknown'} (the report's checkout; the models record none)"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,

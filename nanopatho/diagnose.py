@@ -22,6 +22,15 @@ that is the toy VLM's failure on SynthPath (see the README, "What the toy run sh
 
 `--probe` also scores the reading probe (data/synthpath/reading.py): held-out option walks (copy
 each option, check it, name the letter) and same-or-different judgements on names never trained on, text only, for the base LM, stage 1 and SFT.
+Besides the token roles it scores whole walks, one per conversation (the gold walk says "no" until the
+matching option, then "yes"):
+
+    walk    every check of the walk top-1 right, so the letter it ends on is the answer (chance: a coin per
+            line, 0.5^lines; a position rule, "yes on the third line", scores the share of walks that end there)
+    match   the "yes" on the matching line ("always no" scores 0 here while its check top-1 is ~0.6)
+
+and the probe's near-miss walks (skill "near": four options sharing a word, "lining compact" / "lining
+variable", as the tumour options do) apart, as near_check and near_walk.
 """
 
 import argparse
@@ -35,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from nanopatho import checkpoint
-from nanopatho.data import collate_lm, load_conversations, preload_images, to_float
+from nanopatho.data import collate_lm, load_conversations, load_records, preload_images, to_float
 
 ROLES = ("option letter (reasoning)", "MCQ letter in <answer>", "yes/no decision (reasoning)", "yes/no in <answer>",
          "option check (reasoning)", "option text copied", "other assistant tokens")
@@ -113,7 +122,8 @@ def held_out(path, val_every, limit):
 
 @torch.no_grad()
 def score(model, tokenizer, convs, batch_size=16):
-    """Flat per-token lists over every conversation: NLL, top-1 correct, role, options in its question."""
+    """Flat per-token lists over every conversation: NLL, top-1 correct, role, options in its question, and
+    the index of the conversation the token belongs to."""
     model.eval()
     is_vlm = hasattr(model, "vision")  # else a text-only LM (stage 0's base LM)
     max_len = (model.config.lm if is_vlm else model.config).max_seq_len
@@ -123,7 +133,7 @@ def score(model, tokenizer, convs, batch_size=16):
     images = preload_images([{"image": convs[n]["images"][0], "source": convs[n]["source"]} for n in with_image],
                             model.config.vision.image_size, desc="images")[0] if with_image else None
     slot = {n: k for k, n in enumerate(with_image)}  # conversation -> row of images
-    nll, correct, roles, n_options = [], [], [], []
+    nll, correct, roles, n_options, conv = [], [], [], [], []
     for i in range(0, len(convs), batch_size):
         chunk = convs[i:i + batch_size]
         seqs = [tokenizer.render_chat(c["messages"], n_image_tokens) for c in chunk]
@@ -147,25 +157,56 @@ def score(model, tokenizer, convs, batch_size=16):
             correct += row_hit.tolist()
             roles += row_roles
             n_options += [k] * n
-    return nll, correct, roles, n_options
+            conv += [i + b] * n
+    return nll, correct, roles, n_options, conv
 
 
-PROBE_SKILLS = {"copy": ROLES[5], "check": ROLES[4], "option": ROLES[0], "same": ROLES[2]}  # short name -> role
+def walk_stats(correct, roles, conv):
+    """{"walk", "match"} over the conversations with an option walk (one walk each, checks in order, the
+    last one the matching option's "yes"), in summarize's layout; {} when none has a walk."""
+    checks = {}
+    for ok, role, c in zip(correct, roles, conv):
+        if role == ROLES.index("option check (reasoning)"):
+            checks.setdefault(c, []).append(bool(ok))
+    if not checks:
+        return {}
+    walks = list(checks.values())
+    stat = lambda top1, chance: {"n": len(walks), "nll": None, "top1": top1, "chance_top1": chance,  # noqa: E731
+                                 "chance_nll": None}
+    return {"walk": stat(sum(all(w) for w in walks) / len(walks), sum(0.5 ** len(w) for w in walks) / len(walks)),
+            "match": stat(sum(w[-1] for w in walks) / len(walks), 0.5)}
+
+
+PROBE_ROLES = {"copy": ROLES[5], "check": ROLES[4], "option": ROLES[0], "same": ROLES[2]}  # short name -> role
+PROBE_SKILLS = (*PROBE_ROLES, "walk", "match", "near_check", "near_walk")  # what --require can name
 
 
 def load_probe(path):
-    """The reading probe (data/synthpath/reading.py:probe_rows): text-only conversations."""
+    """The reading probe (data/synthpath/reading.py:probe_rows, near_probe_rows): text-only conversations,
+    each with its row's "skill" ("option", "same", "near")."""
     convs, _ = load_conversations(path)
-    return convs
+    rows, _ = load_records(path, ("messages",), image_key=None)
+    return [dict(c, skill=r.get("skill", "")) for c, r in zip(convs, rows)]
 
 
 def probe_stats(model, tokenizer, convs):
-    """{"copy": option text, "check": option checks, "option": answer letter, "same": yes/no} stats of the
-    reading probe, each {"n", "nll", "top1", ...}."""
+    """The reading probe's stats, each {"n", "nll", "top1", ...}: "copy" option text, "check" option checks,
+    "option" answer letter, "same" yes/no, "walk" / "match" whole walks (walk_stats) on the probe's
+    disjoint options; "near_check" / "near_walk" on its near-miss walks."""
     was_training = model.training
-    stats = summarize(*score(model, tokenizer, convs))
+    near = [c for c in convs if c["skill"] == "near"]
+    plain = [c for c in convs if c["skill"] != "near"]
+    scores = score(model, tokenizer, plain)
+    stats = summarize(*scores[:4])
+    out = {short: stats[role] for short, role in PROBE_ROLES.items() if role in stats}
+    out.update(walk_stats(*scores[1:3], scores[4]))
+    if near:
+        near_scores = score(model, tokenizer, near)
+        near_stats = {"near_check": summarize(*near_scores[:4]).get(PROBE_ROLES["check"]),
+                      "near_walk": walk_stats(*near_scores[1:3], near_scores[4]).get("walk")}
+        out.update({k: v for k, v in near_stats.items() if v})
     model.train(was_training)
-    return {short: stats[role] for short, role in PROBE_SKILLS.items() if role in stats}
+    return out
 
 
 def parse_require(spec):
@@ -196,9 +237,8 @@ def unmet(probe, required):
 def format_table(stats):
     lines = [f"{'token role':28s} {'n':>6s} {'NLL':>7s} {'chance':>7s} {'top-1':>7s} {'chance':>7s}"]
     for name, s in stats.items():
-        c_nll = "" if s["chance_nll"] is None else f"{s['chance_nll']:.3f}"
-        c_top = "" if s["chance_top1"] is None else f"{s['chance_top1']:.3f}"
-        lines.append(f"{name:28s} {s['n']:6d} {s['nll']:7.3f} {c_nll:>7s} {s['top1']:7.3f} {c_top:>7s}")
+        nll, c_nll, c_top = (("" if s[k] is None else f"{s[k]:.3f}") for k in ("nll", "chance_nll", "chance_top1"))
+        lines.append(f"{name:28s} {s['n']:6d} {nll:>7s} {c_nll:>7s} {s['top1']:7.3f} {c_top:>7s}")
     return "\n".join(lines)
 
 
@@ -229,9 +269,10 @@ def main(argv=None):
     result = {"ckpt": args.ckpt}
     if config["model_type"] == "vlm":
         convs = held_out(os.path.join(args.data, args.train_file), args.val_every, args.limit)
-        result.update(conversations=len(convs), roles=summarize(*score(model, tokenizer, convs, args.batch_size)))
+        scores = score(model, tokenizer, convs, args.batch_size)
+        result.update(conversations=len(convs), roles=summarize(*scores[:4]), walks=walk_stats(*scores[1:3], scores[4]))
         print(f"{args.ckpt}: {len(convs)} held-out conversations of {args.train_file}")
-        print(format_table(result["roles"]))
+        print(format_table({**result["roles"], **{f"whole walks: {k}": v for k, v in result["walks"].items()}}))
     if args.probe:
         probe = load_probe(os.path.join(args.data, args.probe))
         result["probe"] = probe_stats(model, tokenizer, probe)

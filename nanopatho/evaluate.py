@@ -256,7 +256,8 @@ def mcq_metrics(responses, answers, num_options=None, lengths=None, types=None, 
             out["by_type"][t] = {"accuracy": float(np.mean([correct[i] for i in idx])), "n": len(idx),
                                  "chance": None if num_options is None else float(np.mean([1.0 / num_options[i] for i in idx]))}
             if walks is not None:
-                out["by_type"][t]["states_gold"] = walk_metrics([walks[i] for i in idx], [preds[i] for i in idx])["states_gold"]
+                by_walk = walk_metrics([walks[i] for i in idx], [preds[i] for i in idx])
+                out["by_type"][t].update(states_gold=by_walk["states_gold"], position_gap=by_walk["position_gap"])
     return out
 
 
@@ -269,13 +270,15 @@ WALK_LINE = re.compile(r"^([A-Z])\) (.*): (yes|no)\.$", re.MULTILINE)  # "B) mod
 def read_walk(response, options, answer):
     """One reply's option walk, the form SynthPath's chains end with ("Checking the options:" then one
     "X) option text: yes." / "...: no." line per option, up to the first yes) -> dict:
-    lines: [(letter, text as written, its true text or None)], stated: the text of the first "yes" line or
-    None, gold: the gold option's text. options are "A) text" strings; answer "B" or "B) text"."""
+    lines: [(letter, text as written, its true text or None)], stated / accepted: the text / letter of the
+    first "yes" line or None, gold / gold_letter: the gold option's text / letter. options are "A) text"
+    strings; answer "B" or "B) text"."""
     truth = {o[0]: o[3:] for o in options}
     lines = [(letter, text, truth.get(letter), verdict) for letter, text, verdict in WALK_LINE.findall(response)]
-    stated = next((text for _, text, _, verdict in lines if verdict == "yes"), None)
+    stated, accepted = next(((text, letter) for letter, text, _, verdict in lines if verdict == "yes"), (None, None))
+    gold_letter = parse_choice(str(answer)) or ""
     return {"lines": [(letter, text, true) for letter, text, true, _ in lines], "stated": stated,
-            "gold": truth.get(parse_choice(str(answer)) or ""), "truth": truth}
+            "accepted": accepted, "gold": truth.get(gold_letter), "gold_letter": gold_letter, "truth": truth}
 
 
 def walk_metrics(walks, preds):
@@ -285,7 +288,11 @@ def walk_metrics(walks, preds):
     states_gold:  share of replies whose first "yes" names the gold option's text (what the reply concluded,
                   right or wrong: the perception and reasoning part);
     letter_follows: of the replies whose "yes" names one of the options' texts, the share whose answer letter
-                  is that option's (reading: look the text up, give its letter).
+                  is that option's (reading: look the text up, give its letter);
+    position_gap: how far the letters the replies accept are spread unlike the gold letters, the total
+                  variation distance 1/2 sum_k |P(accepted = k) - P(gold = k)|: near 0 for a walk that checks
+                  (it accepts where the gold stands, up to what it sees), large for one that counts lines
+                  ("yes on the third line" against uniform gold letters: 0.75).
     A reply that states the gold text but answers another letter lost the point to reading, not to sight."""
     lines = [text == true for w in walks for _, text, true in w["lines"]]
     named = [(w, p) for w, p in zip(walks, preds) if w["stated"] in w["truth"].values()]
@@ -294,7 +301,16 @@ def walk_metrics(walks, preds):
     return {"walked": sum(bool(w["lines"]) for w in walks) / n if n else 0.0,
             "copied": float(np.mean(lines)) if lines else None,
             "states_gold": sum(w["stated"] is not None and w["stated"] == w["gold"] for w in walks) / n if n else 0.0,
-            "letter_follows": float(np.mean(follows)) if follows else None}
+            "letter_follows": float(np.mean(follows)) if follows else None,
+            "position_gap": position_gap([w["accepted"] for w in walks if w["accepted"]], [w["gold_letter"] for w in walks])}
+
+
+def position_gap(accepted, gold):
+    """Total variation distance between the letters accepted and the gold letters (None when none accepted)."""
+    if not accepted or not gold:
+        return None
+    share = lambda xs, k: xs.count(k) / len(xs)  # noqa: E731
+    return 0.5 * sum(abs(share(accepted, k) - share(gold, k)) for k in set(accepted) | set(gold))
 
 
 def closed_answer_correct(pred, gold):
@@ -556,6 +572,8 @@ def format_table(results):
         for t, r in res.get("by_type", {}).items():  # accuracy per question type, then its item count
             chance_s = f"{r['chance']:>10.4f}" if r["chance"] is not None else f"{'':>10}"
             lines.append(f"{task:<14}{'accuracy ' + t + ' (' + str(r['n']) + ')':<26}{r['accuracy']:>10.4f}{chance_s}")
+            if r.get("position_gap") is not None:  # the walk's accepted letters against the gold ones
+                lines.append(f"{task:<14}{'walk position_gap ' + t:<26}{r['position_gap']:>10.4f}{'':>10}")
     return "\n".join(lines)
 
 

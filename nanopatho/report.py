@@ -162,7 +162,8 @@ def by_type_markdown(by_type):
 
 WALK_COLUMNS = [("walked", "replies that walk the options"), ("copied", "option lines copied exactly"),
                 ("states_gold", "the option accepted is the gold one"),
-                ("letter_follows", "answer letter = the accepted option's")]
+                ("letter_follows", "answer letter = the accepted option's"),
+                ("position_gap", "accepted letters unlike the gold ones (0 = as spread; 0.75 = always the 3rd)")]
 
 
 def mcq_walk(evals, seeds):
@@ -233,7 +234,8 @@ PROBE_STAGES = [("base_lm", "stage 0 base LM"), ("base_lm_near", "stage 0, secon
                 ("pretrain", "stage 1 pretrain"), ("sft", "stage 2 SFT")]
 SHARED_STAGES = ("base_lm", "base_lm_near")  # trained once, in out/<stage>/
 PROBE_SKILLS = [("copy", "option text copied top-1"), ("check", "option check top-1"), ("option", "answer letter top-1"),
-                ("same", "same-or-different top-1")]
+                ("same", "same-or-different top-1"), ("walk", "whole walk right"),
+                ("near_walk", "whole walk right, options sharing a word")]
 
 
 def reading_probe(out, seeds):

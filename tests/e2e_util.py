@@ -50,7 +50,8 @@ def tiny_world(tmp_path_factory):
         base = tmp_path_factory.mktemp("e2e_world")
         data, init = str(base / "data"), str(base / "init")
         prepare(data, seed=1, image_size=64, n_train=18, n_val=9, n_test=9, n_test_qa=4, vocab_size=2000,
-                progress=False, workers=1, textbook_examples=10, reading_per_level=20, reading_probe=8)
+                progress=False, workers=1, textbook_examples=10, reading_per_level=20, reading_probe=8,
+                reading_probe_near=8)
         make_init(data, init)
         _WORLD.update(data=data, init=init)
     return dict(_WORLD)

@@ -66,6 +66,29 @@ def test_summarize_hand_case():
     assert s["other assistant tokens"]["chance_top1"] is None
 
 
+def test_walk_stats_hand_case_and_property():
+    """A walk is right when every check in it is; "match" is its last check (the gold "yes")."""
+    C = diagnose.ROLES.index("option check (reasoning)")
+    roles = [C, 5, C, C, C, C, diagnose.OTHER, C]
+    correct = [True, True, True, True, False, True, False, False]
+    conv = [0, 0, 0, 1, 1, 1, 2, 3]  # walks: 0 = [ok, ok], 1 = [ok, miss, ok], 2 = none, 3 = [miss]
+    s = diagnose.walk_stats(correct, roles, conv)
+    assert s["walk"]["n"] == s["match"]["n"] == 3
+    assert s["walk"]["top1"] == pytest.approx(1 / 3) and s["match"]["top1"] == pytest.approx(2 / 3)
+    assert s["walk"]["chance_top1"] == pytest.approx((0.25 + 0.125 + 0.5) / 3) and s["match"]["chance_top1"] == 0.5
+    assert diagnose.walk_stats([True], [diagnose.OTHER], [0]) == {}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # property: a walk right is a match right; all checks right <-> walk 1.0
+        n = 40
+        conv = sorted(torch.randint(8, (n,), generator=g).tolist())
+        roles = [C if r else 0 for r in (torch.rand(n, generator=g) < 0.7).tolist()]
+        correct = (torch.rand(n, generator=g) < 0.8).tolist()
+        s = diagnose.walk_stats(correct, roles, conv)
+        assert s["walk"]["top1"] <= s["match"]["top1"]
+        checks = [ok for ok, r in zip(correct, roles) if r == C]
+        assert (s["walk"]["top1"] == 1.0) == all(checks)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return tiny_world(tmp_path_factory)
@@ -75,7 +98,7 @@ def test_per_token_losses_are_the_models_own_masked_loss(world):
     model, _, tokenizer = checkpoint.load(world["init"], expect="vlm")
     convs = diagnose.held_out(os.path.join(world["data"], "sft_train.jsonl"), val_every=2, limit=6)
     assert len(convs) == 6
-    nll, correct, roles, _ = diagnose.score(model, tokenizer, convs, batch_size=4)
+    nll, correct, roles, _, conv = diagnose.score(model, tokenizer, convs, batch_size=4)
     ours = sum(x for x, r in zip(nll, roles) if r >= 0) / sum(r >= 0 for r in roles)
 
     seqs = [tokenizer.render_chat(c["messages"], model.n_image_tokens) for c in convs]
@@ -85,7 +108,9 @@ def test_per_token_losses_are_the_models_own_masked_loss(world):
         _, loss = model(batch["input_ids"], to_float(images), attention_mask=batch["attention_mask"],
                         targets=batch["targets"], loss_mask=batch["loss_mask"])
     assert ours == pytest.approx(loss.item(), rel=1e-5)
-    assert len(nll) == len(correct) == len(roles)
+    assert len(nll) == len(correct) == len(roles) == len(conv)
+    # conv names each token's conversation: one run of len(ids) - 1 tokens per conversation, in order
+    assert [conv.count(i) for i in range(len(convs))] == [len(ids) - 1 for ids, _ in seqs] and conv == sorted(conv)
 
 
 

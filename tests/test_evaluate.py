@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nanopatho.evaluate import (build_zeroshot_classifier, closed_answer_correct, closed_vqa_metrics, format_table,
-                                gt_ranks, linear_probe, mcq_metrics, open_vqa_metrics, read_walk, retrieval_metrics,
-                                strip_end_markers, token_f1_recall, walk_metrics, zeroshot_metrics)
+                                gt_ranks, linear_probe, mcq_metrics, open_vqa_metrics, position_gap, read_walk,
+                                retrieval_metrics, strip_end_markers, token_f1_recall, walk_metrics, zeroshot_metrics)
 
 # -----------------------------------------------------------------------------
 # retrieval
@@ -213,9 +213,25 @@ def test_option_walk_by_hand():
     assert m["copied"] == pytest.approx(4 / 6)          # 6 walk lines, the last reply's two are miscopied
     assert m["states_gold"] == pytest.approx(3 / 4)     # replies 1, 3, 4 accept the text "adipose tissue"
     assert m["letter_follows"] == pytest.approx(2 / 4)  # replies 1, 2 give the letter of the text they accepted
+    # accepted A, B, A, B against gold A four times: 1/2 (|2/4 - 1| + |2/4 - 0|) = 0.5
+    assert [w["accepted"] for w in walks] == ["A", "B", "A", "B"] and m["position_gap"] == pytest.approx(0.5)
     # no walk at all: nothing walked, nothing stated, no lines to copy
     bare = walk_metrics([read_walk("<answer>A</answer>", OPTS, "A)")], ["A"])
-    assert bare == {"walked": 0.0, "copied": None, "states_gold": 0.0, "letter_follows": None}
+    assert bare == {"walked": 0.0, "copied": None, "states_gold": 0.0, "letter_follows": None, "position_gap": None}
+
+
+def test_position_gap_tells_a_line_counter_from_a_checker():
+    """Property: replies that accept the gold letter have gap 0 whatever the gold's spread; replies that accept
+    the third option whatever it holds, against uniform gold letters, have 0.75; the gap is symmetric and in [0, 1]."""
+    rng = np.random.default_rng(1)
+    gold = ["ABCD"[i] for i in rng.integers(4, size=400)]
+    assert position_gap(gold, gold) == 0.0
+    assert position_gap(["C"] * 400, ["ABCD"[i % 4] for i in range(400)]) == pytest.approx(0.75)
+    for _ in range(20):
+        a = ["ABCD"[i] for i in rng.integers(4, size=int(rng.integers(1, 50)))]
+        b = ["ABCD"[i] for i in rng.integers(4, size=int(rng.integers(1, 50)))]
+        assert 0.0 <= position_gap(a, b) <= 1.0 and position_gap(a, b) == pytest.approx(position_gap(b, a))
+    assert position_gap([], gold) is None
 
 
 def test_mcq_metrics_walk_is_consistent_with_accuracy():

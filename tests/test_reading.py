@@ -102,6 +102,31 @@ def test_near_rows_walk_options_that_share_a_word():
     assert restated > 50
 
 
+def test_near_probe_walks_new_names_that_share_a_word():
+    """The probe's near-miss walks: the four options share one word at one place and are all names whose two
+    words stand side by side in no training text; one question each, at the longest level; the gold walk
+    stops at the option the finding names. Same seed, same rows."""
+    train = [m["content"] for level in R.LEVELS for row in R.reading_rows(np.random.default_rng(6), 300, level)
+             for m in row["messages"]]
+    unseen = set(R.unseen_pairs(train))
+    rows = R.near_probe_rows(np.random.default_rng(9), 60, train)
+    assert rows == R.near_probe_rows(np.random.default_rng(9), 60, train)
+    shared_words = set()
+    for row in rows:
+        assert row["skill"] == "near" and row["level"] == 2
+        (user, think, answer), = turns(row)
+        options = {letter: name for letter, name in OPTION.findall(user)}
+        assert len(options) == 4 and set(options.values()) <= unseen
+        places = [{i for i, w in enumerate(name.split()) if all(w == o.split()[i] for o in options.values())}
+                  for name in options.values()]
+        assert all(p == places[0] and len(p) == 1 for p in places)  # the same word at the same place in all four
+        finding = re.search(r"Finding: (.+)\.\n", user).group(1)
+        assert finding == options[answer] or finding.split(" is ")[1] in options[answer].split()
+        assert think.endswith(walk_of(options, options[answer]))
+        shared_words.add(options["A"].split()[places[0].pop()])
+    assert len(shared_words) > 20  # the shared word changes from item to item
+
+
 def test_read_and_same_rows_are_right():
     rng = np.random.default_rng(4)
     yes = no = 0

@@ -73,12 +73,14 @@ def test_no_diagnose_files_means_no_role_table(tmp_path):
     assert report.roles_markdown({}) == ""
 
 
-def probe_file(path, option, same, roles=None, copy=None, check=None):
+def probe_file(path, option, same, roles=None, copy=None, check=None, walk=None):
     probe = {"option": {"n": 4, "nll": 0.5, "top1": option, "chance_nll": 1.386, "chance_top1": 0.25},
              "same": {"n": 4, "nll": 0.5, "top1": same, "chance_nll": 0.693, "chance_top1": 0.5}}
     if copy is not None:
         probe["copy"] = {"n": 9, "nll": 0.2, "top1": copy, "chance_nll": None, "chance_top1": None}
         probe["check"] = {"n": 4, "nll": 0.4, "top1": check, "chance_nll": 0.693, "chance_top1": 0.5}
+    if walk is not None:  # diagnose.walk_stats: no NLL, chance a coin per line
+        probe["walk"] = {"n": 4, "nll": None, "top1": walk, "chance_nll": None, "chance_top1": 0.234}
     write(path, {"roles": roles or {}, "probe": probe})
 
 
@@ -86,7 +88,8 @@ def test_reading_probe_table_and_claims(tmp_path):
     """Stage 0 is one shared run; stages 1 and 2 are averaged over seeds; the reading claims pass or fail
     on their own thresholds (0.9 letter, 0.8 yes/no, 0.55 MCQ, 0.70 closed VQA)."""
     out = str(tmp_path)
-    probe_file(os.path.join(out, "base_lm", "diagnose.json"), option=0.95, same=0.70, copy=0.97, check=0.75)
+    probe_file(os.path.join(out, "base_lm", "diagnose.json"), option=0.95, same=0.70, copy=0.97, check=0.75,
+               walk=0.55)
     with open(os.path.join(out, "times.jsonl"), "w") as f:
         f.write(json.dumps({"stage": "base_lm", "seconds": 321}) + "\n")
     roles = {"option letter (reasoning)": {"n": 5, "nll": 0.1, "top1": 0.92, "chance_nll": 1.386, "chance_top1": 0.25},
@@ -103,10 +106,10 @@ def test_reading_probe_table_and_claims(tmp_path):
     assert r["reading_probe"]["pretrain"]["option"]["mean"] == pytest.approx(0.7)
     assert r["reading_probe"]["sft"]["option"]["mean"] == pytest.approx(0.6)
     table = report.probe_markdown(r["reading_probe"], report.shared_seconds(r))
-    assert "| stage 0 base LM (trained once, 321 s) | 0.970 | 0.750 | 0.950 | 0.700 |" in table
+    assert "| stage 0 base LM (trained once, 321 s) | 0.970 | 0.750 | 0.950 | 0.700 | 0.550 | — |\n" in table
     assert "second phase" not in table  # no diagnose.json: no row
-    assert "| stage 1 pretrain | — | — | 0.700 ± 0.100 | 0.700 ± 0.100 |" in table
-    assert "| chance | — | 0.500 | 0.250 | 0.500 |" in table
+    assert "| stage 1 pretrain | — | — | 0.700 ± 0.100 | 0.700 ± 0.100 | — | — |\n" in table
+    assert table.endswith("| chance | — | 0.500 | 0.250 | 0.500 | 0.234 | — |")
     claims = {c: ok for c, ok, _ in report.claims(r)}
     assert claims["SFT option letter (reasoning) top-1 on held-out SFT rows >= 0.9"] is True
     assert claims["SFT yes/no decision (reasoning) top-1 on held-out SFT rows >= 0.8"] is False
@@ -166,8 +169,8 @@ def test_mcq_by_type_table_and_headroom(tmp_path, monkeypatch):
 def test_mcq_walk_table(tmp_path, monkeypatch):
     """eval.json's mcq.walk averaged over seeds per stage; a stage whose replies never walk gets no row."""
     out = str(tmp_path / "out")
-    walks = {0: {"walked": 1.0, "copied": 0.9, "states_gold": 0.6, "letter_follows": 0.8},
-             1: {"walked": 1.0, "copied": 0.7, "states_gold": 0.4, "letter_follows": 1.0}}
+    walks = {0: {"walked": 1.0, "copied": 0.9, "states_gold": 0.6, "letter_follows": 0.8, "position_gap": 0.1},
+             1: {"walked": 1.0, "copied": 0.7, "states_gold": 0.4, "letter_follows": 1.0}}  # an eval.json before the gap
     for seed, walk in walks.items():
         write(os.path.join(out, f"seed{seed}", "sft", "eval.json"),
               {"results": {"mcq": {"accuracy": 0.5, "chance": {"accuracy": 0.25}, "walk": walk}}})
@@ -181,7 +184,7 @@ def test_mcq_walk_table(tmp_path, monkeypatch):
     assert saved["sft"]["copied"]["mean"] == pytest.approx(0.8) and saved["sft"]["copied"]["spread"] == pytest.approx(0.1)
     assert saved["sft"]["letter_follows"]["mean"] == pytest.approx(0.9)
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| stage 2 SFT | 1.000 ± 0.000 | 0.800 ± 0.100 | 0.500 ± 0.100 | 0.900 ± 0.100 |" in md
+    assert "| stage 2 SFT | 1.000 ± 0.000 | 0.800 ± 0.100 | 0.500 ± 0.100 | 0.900 ± 0.100 | 0.100 |\n" in md
     assert "| stage 1 pretrain |" not in md.split("How the MCQ replies reach their letter")[1].split("\n\n")[1]
 
 

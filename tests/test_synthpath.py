@@ -18,7 +18,8 @@ from data.synthpath.prepare import DESCRIBE, centroid_accuracy, colour_histogram
 from nanopatho.prompts import SYSTEM_PROMPT
 
 TINY = dict(seed=3, image_size=64, n_train=60, n_val=9, n_test=18, n_test_qa=20, vocab_size=400, progress=False,
-            reading_per_level=30, reading_probe=10, reading_near_per_level=20)
+            reading_per_level=30, reading_probe=10, reading_near_per_level=20,
+            reading_probe_near=10)
 MANIFESTS = ["captions_train.jsonl", "captions_val.jsonl", "textbook.jsonl", "zeroshot_test.jsonl", "retrieval_test.jsonl",
              "sft_train.jsonl", "rl_train.jsonl", "mcq_test.jsonl", "vqa_test.jsonl",
              "reading_train.jsonl", "reading_probe.jsonl", "reading_near.jsonl", "captions_findings.jsonl",
@@ -186,7 +187,10 @@ def test_probe_names_stand_side_by_side_in_no_training_file(worlds):
         words = re.findall(r"[a-z]+", text.lower())
         side_by_side |= set(zip(words, words[1:]))
     probe = read_jsonl(os.path.join(worlds[0], "reading_probe.jsonl"))
-    names = [n for r in probe for n in re.findall(r"(?:\n[A-D]\) |Finding: )([a-z]+ [a-z]+)\b", r["messages"][1]["content"])]
+    assert [r["skill"] for r in probe].count("near") == TINY["reading_probe_near"]
+    # a name is an option line's text or a finding's ("Finding: lining is compact." restates an option: no name)
+    names = [n for r in probe for n in re.findall(r"(?:\n[A-D]\) |Finding: )([a-z]+ [a-z]+)(?:\.|\n|$)",
+                                                  r["messages"][1]["content"])]
     assert len(names) >= len(probe)  # every item names at least its finding or its options
     assert not {tuple(n.split()) for n in names} & side_by_side
 
@@ -273,7 +277,8 @@ def test_centroid_accuracy_hand_case():
 def test_colour_baseline_at_most_half(tmp_path):
     """The trivial colour baseline must stay <= 50 % on the 9-class test (moderate world)."""
     meta = prepare(str(tmp_path), seed=0, n_train=300, n_val=0, n_test=135, n_test_qa=4, workers=1,
-                   train_tokenizer=False, progress=False, reading_per_level=10, reading_probe=4)
+                   train_tokenizer=False, progress=False, reading_per_level=10, reading_probe=4,
+                   reading_probe_near=4)
     acc = meta["baselines"]["colour_histogram"]["zeroshot_test_accuracy"]
     assert 1 / 9 < acc <= 0.5, acc
 

@@ -16,6 +16,7 @@ Writes under --out (image paths in every manifest are relative to --out):
     vqa_test.jsonl                        {"image", "question", "answer", "answer_type": CLOSED|OPEN, "type"}
     reading_train.jsonl                   {"messages", "skill", "level"}: stage 0's text-only reading curriculum
     reading_probe.jsonl                   {"messages", "skill", "level"}: held-out reading items, unseen names
+                                          (1.4: + near-miss walks, skill "near")
     reading_near.jsonl                    (1.2) stage 0's second phase: near-miss option walks + the usual mix
     captions_findings.jsonl               (1.2) {"image", "caption"}: train tumours' findings by level word
     sft_tumour.jsonl                      (1.2) more SFT conversations per train tumour, about its attributes
@@ -45,9 +46,10 @@ from data.synthpath import text as T  # noqa: E402
 from data.synthpath.world import CLASSES, GLANDS, LEVELS, MAX_MITOSES, PLEO, SIZES, render, sample_attributes  # noqa: E402
 from nanopatho.prompts import SYSTEM_PROMPT, format_question  # noqa: E402
 
-VERSION = "synthpath-1.3"  # 1.1: larger mitotic figures with halos, giant nuclei for pleomorphism; 1.2: + the
+VERSION = "synthpath-1.4"  # 1.1: larger mitotic figures with halos, giant nuclei for pleomorphism; 1.2: + the
                            # three files marked 1.2 above (the probe's names avoid their words too); 1.3: the
-                           # reading files' words include every word of the tumour MCQ options (reading.py)
+                           # reading files' words include every word of the tumour MCQ options (reading.py);
+                           # 1.4: reading_probe.jsonl + near-miss walks (skill "near"), the first 400 rows the same
 PIXELS = "synthpath-1.1"   # the renderer's version, in every tile's name: 1.2 draws the same tiles
 TRAIN_CLASS_P = {c: (0.28 if c == "TUM" else 0.09) for c in CLASSES}   # tumours oversampled for SFT / RL
 HIST_BINS = 8                                                           # per channel, colour baseline
@@ -67,6 +69,7 @@ class Config:
     textbook_examples: int = 400
     reading_per_level: int = 12000   # stage 0's reading curriculum rows per level (reading.py)
     reading_probe: int = 400        # held-out reading probe items
+    reading_probe_near: int = 200   # + held-out near-miss option walks (options sharing a word), 1.4
     reading_near_per_level: int = 3000  # reading_near.jsonl rows at each chat level (1, 2)
     findings_per_tumour: int = 4    # captions_findings.jsonl captions per train tumour
     sft_per_tumour: int = 3         # sft_tumour.jsonl conversations per train tumour
@@ -319,7 +322,7 @@ def write_text(out, cfg, records):
     """Every manifest; returns {file name: rows} for the meta and the tokenizer."""
     streams = {name: np.random.default_rng([cfg.seed, 2, i]) for i, name in enumerate(
         ["captions_train", "captions_val", "textbook", "retrieval", "sft", "rl", "mcq", "vqa", "reading", "probe",
-         "reading_near", "findings", "sft_tumour"])}
+         "reading_near", "findings", "sft_tumour", "probe_near"])}
     qa_test = [r for r in records if r["split"] == "test_qa"]
     files = {
         "captions_train.jsonl": caption_rows(streams["captions_train"], records, "train", cfg.captions_per_image),
@@ -342,7 +345,9 @@ def write_text(out, cfg, records):
         "captions_findings.jsonl": findings_rows(streams["findings"], records, cfg.findings_per_tumour),
         "sft_tumour.jsonl": tumour_sft_rows(streams["sft_tumour"], records, cfg.sft_per_tumour),
     }
-    files["reading_probe.jsonl"] = R.probe_rows(streams["probe"], cfg.reading_probe, training_texts(files))
+    texts = training_texts(files)
+    files["reading_probe.jsonl"] = (R.probe_rows(streams["probe"], cfg.reading_probe, texts)
+                                    + R.near_probe_rows(streams["probe_near"], cfg.reading_probe_near, texts))
     for name, rows in files.items():
         write_jsonl(os.path.join(out, name), rows)
     prompts = {"0": {"classnames": {c: T.CLASS_INFO[c][1] for c in CLASSES}, "templates": ZS_TEMPLATES}}

@@ -232,9 +232,9 @@ def reading_rows(rng, n, level, mix=None):
 
 
 def shared_word_names(rng):
-    """(make_name, the index of each name's own word) for a near-miss option list: every name is one
-    shared word and one word of its own ("marked pleomorphism", "mild pleomorphism"), as SynthPath's
-    tumour options are, so only the own word tells the options apart."""
+    """(make_name, the shared word, the index of each name's own word) for a near-miss option list: every
+    name is one shared word and one word of its own ("marked pleomorphism", "mild pleomorphism"), as
+    SynthPath's tumour options are, so only the own word tells the options apart."""
     shared = TRAIN_WORDS[int(rng.integers(len(TRAIN_WORDS)))]
     own_first = bool(rng.random() < 0.5)
 
@@ -246,10 +246,31 @@ def shared_word_names(rng):
     return make, shared, 0 if own_first else 1
 
 
-def near_turns(rng, n_questions):
+def unseen_shared_names(pairs):
+    """shared_word_names for the probe: rng -> (make_name, shared, own index) whose names are all
+    `pairs` (two-word names never side by side in training), four or more of them sharing one word."""
+    groups = {}
+    for pair in pairs:
+        a, b = pair.split()
+        groups.setdefault((b, 0), []).append(a)  # own word first: "<own> <shared>"
+        groups.setdefault((a, 1), []).append(b)  # own word second: "<shared> <own>"
+    keys = sorted(k for k, owns in groups.items() if len(owns) >= 4)
+
+    def names_for(rng):
+        shared, own = keys[int(rng.integers(len(keys)))]
+        owns = groups[(shared, own)]
+
+        def make(r):
+            word = owns[int(r.integers(len(owns)))]
+            return f"{word} {shared}" if own == 0 else f"{shared} {word}"
+        return make, shared, own
+    return names_for
+
+
+def near_turns(rng, n_questions, names_for=shared_word_names):
     """The option walk on a near-miss list; half the findings restate the name as "<shared> is <own>"
     (the chains say "pleomorphism is marked" where the option says "marked pleomorphism")."""
-    make, shared, own = shared_word_names(rng)
+    make, shared, own = names_for(rng)
 
     def turn(names, k):
         finding = names[k] if rng.random() < 0.5 else f"{shared} is {names[k].split()[own]}"
@@ -288,3 +309,13 @@ def probe_rows(rng, n, train_texts):
         turns = option_turns(rng, probe_name, 1) if skill == "option" else same_turns(rng, probe_name, 1)
         rows.append({"messages": with_context(turns, 2, filler(rng, 2)), "skill": skill, "level": 2})
     return rows
+
+
+def near_probe_rows(rng, n, train_texts):
+    """Held-out near-miss option walks (skill "near"), at the longest level's layout: every option a name
+    from unseen_pairs(train_texts), the four sharing one word, as the tumour options do ("low grade,
+    with necrosis" / "low grade, without necrosis"). probe_rows' options share no word, so a check there
+    can pass on the first word alone."""
+    names_for = unseen_shared_names(unseen_pairs(train_texts))
+    return [{"messages": with_context(near_turns(rng, 1, names_for), 2, filler(rng, 2)), "skill": "near", "level": 2}
+            for _ in range(n)]

@@ -5,12 +5,12 @@
 #   -> stage 1 pretrain (continues the base LM) -> stage 2 SFT -> stage 3 RL twice from the same
 #   SFT model (GRPO, DAPO) -> evaluation -> out/report.md
 #
-#   bash speedrun.sh                      # toy preset, seed 0 (~2 h on 2 CPU cores, session 22: stage 0 ~19 min a try,
-#                                         # up to 3 tries, 0v ~7, the seed ~55)
+#   bash speedrun.sh                      # toy preset, seed 0 (~2 h on 2 CPU cores, session 29: stage 0 ~21 min a try,
+#                                         # up to 3 tries, 0v ~6, the seed ~55)
 #   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report (~55 min more a seed)
 #   bash speedrun.sh --preset small       # one GPU
 #   bash speedrun.sh --update_readme      # also rewrite README.md's results section from the report
-#   bash speedrun.sh --base_tries 1       # one stage-0 seed (default 3: the next seed while its probe check is < 0.8)
+#   bash speedrun.sh --base_tries 1       # one stage-0 seed (default 3: the next seed while its probe walk is < 0.8)
 #   bash speedrun.sh --base_seed 1        # stage 0's (first) seed; the seeds above are the VLM stages'
 #   PYTHON=python3.11 OUT=out DATA=data/synthpath bash speedrun.sh
 #
@@ -91,19 +91,22 @@ fi
 # (at real scale a released LM plays this part: train_pretrain.py --lm_init <its directory>)
 # At the toy budget whether the base LM learns to check an option against the finding depends on the seed (README,
 # "What the toy run shows"); without that check SFT's MCQ sits near chance. --base_tries K (default 3) retrains it
-# with the next seed while the held-out reading probe's check top-1 is below 0.8, and keeps each miss as
-# base_lm.seed<k>/. Three, because seeds 0 and 1 missed and seed 2 passed on the machine of sessions 19 to 21.
-base_lm_try() {  # base_lm_try SEED: both phases of stage 0 at SEED, then the probe; status 3 when the check is < 0.8
+# with the next seed while the held-out reading probe's whole walks (every check of a walk right) are below 0.8, and
+# keeps each miss as base_lm.seed<k>/. Three, because seeds 0 and 1 missed and seed 2 passed on the machine of
+# sessions 19 to 21. The gate was the check's top-1 (>= 0.8) until session 29: a base at check 0.827 had whole walks
+# at 0.555 and its SFT walked the tumour options by position.
+base_lm_try() {  # base_lm_try SEED: both phases of stage 0 at SEED, then the probe; status 3 when the walk is < 0.8
   stage base_lm "$OUT/base_lm.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" --seed "$1" \
     --out_dir "$OUT/base_lm"
-  # second phase: the option walk on options that share a word ("mild pleomorphism", "marked pleomorphism")
+  # second phase: the option walk on options that share a word ("mild pleomorphism", "marked pleomorphism");
+  # 1,800 steps (600 until session 29: base seed 0's probe walk 0.555 -> 0.855, near-miss walk 0.41 -> 0.665)
   stage base_lm_near "$OUT/base_lm_near.log" $PYTHON -m nanopatho.base_lm --preset "$PRESET" --data "$DATA" \
-    --seed "$1" --init "$OUT/base_lm" --train_file reading_near.jsonl --level_steps 200 --max_steps 600 \
+    --seed "$1" --init "$OUT/base_lm" --train_file reading_near.jsonl --level_steps 200 --max_steps 1800 \
     --out_dir "$OUT/base_lm_near"
   $PYTHON -m nanopatho.diagnose --ckpt "$OUT/base_lm" --data "$DATA" --probe reading_probe.jsonl \
     --out "$OUT/base_lm/diagnose.json" > "$OUT/diagnose_base_lm.log" 2>&1 || return
   $PYTHON -m nanopatho.diagnose --ckpt "$OUT/base_lm_near" --data "$DATA" --probe reading_probe.jsonl \
-    --require check=0.8 --out "$OUT/base_lm_near/diagnose.json" > "$OUT/diagnose_base_lm_near.log" 2>&1
+    --require walk=0.8 --out "$OUT/base_lm_near/diagnose.json" > "$OUT/diagnose_base_lm_near.log" 2>&1
 }
 for ((try = 0; try < BASE_TRIES; try++)); do
   BS=$((BASE_SEED + try))

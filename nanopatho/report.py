@@ -369,7 +369,8 @@ def reading_claims(report, sft_mcq, sft_closed, closed_chance):
     probes = report.get("reading_probe") or {}
     probe = next((probes[st] for st in ("base_lm_near", "base_lm") if any((probes.get(st) or {}).get(sk)
                                                                         for sk, _ in PROBE_SKILLS)), {})
-    for skill, target in (("copy", 0.9), ("check", 0.8), ("option", 0.9), ("same", 0.8)):  # the LM stage 1 continues
+    # the LM stage 1 continues; "walk" (every check of a walk right) is what the speedrun's stage-0 gate asks
+    for skill, target in (("copy", 0.9), ("check", 0.8), ("walk", 0.8), ("option", 0.9), ("same", 0.8)):
         if probe.get(skill):
             out.append((f"stage 0 base LM reads: probe {skill} top-1 >= {target} on names never trained on",
                         probe[skill]["mean"] >= target, f"{probe[skill]['mean']:.3f} (chance "

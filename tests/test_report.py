@@ -119,6 +119,7 @@ def test_reading_probe_table_and_claims(tmp_path):
     assert claims["stage 0 base LM reads: probe same top-1 >= 0.8 on names never trained on"] is False
     assert claims["stage 0 base LM reads: probe copy top-1 >= 0.9 on names never trained on"] is True
     assert claims["stage 0 base LM reads: probe check top-1 >= 0.8 on names never trained on"] is False
+    assert claims["stage 0 base LM reads: probe walk top-1 >= 0.8 on names never trained on"] is False  # 0.55
 
 
 def test_no_probe_files_means_no_probe_table(tmp_path):

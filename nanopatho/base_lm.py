@@ -10,7 +10,7 @@ base LM serves every seed of the speedrun, as one released model serves every Pa
     python -m nanopatho.base_lm --preset toy --level_steps 300,300 --max_steps 1000   # a faster schedule
     torchrun --nproc_per_node=2 -m nanopatho.base_lm --preset toy
     python -m nanopatho.base_lm --preset toy --init out/base_lm --train_file reading_near.jsonl \
-        --level_steps 200 --max_steps 600 --out_dir out/base_lm_near                 # the second phase
+        --level_steps 200 --max_steps 1800 --out_dir out/base_lm_near                # the second phase
     python -m nanopatho.base_lm --help
 
 Curriculum: the first level_steps[0] steps draw rows of level 0 (the bare question), the next
@@ -21,7 +21,9 @@ Second phase (the toy speedrun runs it): `--init` continues the first phase's LM
 the option walk on options that share a word ("mild pleomorphism", "marked pleomorphism"), as SynthPath's
 tumour questions ask; the first phase's options share none.
 Every --eval_every steps the held-out reading probe (names never trained on) is scored and logged
-to metrics.jsonl as probe_option (letter top-1, chance 0.25) and probe_same (yes/no top-1, chance 0.5).
+to metrics.jsonl as probe_option (letter top-1, chance 0.25), probe_same (yes/no top-1, chance 0.5),
+probe_walk (option walks with every check right, the speedrun's gate) and probe_near_walk (the same on
+options that share a word), with the rest of diagnose.probe_stats.
 The output directory is an LM checkpoint (config.json model_type "lm", model.safetensors, tokenizer.json).
 """
 

@@ -34,6 +34,7 @@ variable", as the tumour options do) apart, as near_check and near_walk.
 """
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -120,10 +121,13 @@ def held_out(path, val_every, limit):
     return rows[:limit] if limit else rows
 
 
+Scores = collections.namedtuple("Scores", "nll correct roles n_options conv")
+
+
 @torch.no_grad()
 def score(model, tokenizer, convs, batch_size=16):
-    """Flat per-token lists over every conversation: NLL, top-1 correct, role, options in its question, and
-    the index of the conversation the token belongs to."""
+    """Scores: flat per-token lists over every conversation: NLL, top-1 correct, role, options in its
+    question, and the index of the conversation the token belongs to."""
     model.eval()
     is_vlm = hasattr(model, "vision")  # else a text-only LM (stage 0's base LM)
     max_len = (model.config.lm if is_vlm else model.config).max_seq_len
@@ -158,7 +162,12 @@ def score(model, tokenizer, convs, batch_size=16):
             roles += row_roles
             n_options += [k] * n
             conv += [i + b] * n
-    return nll, correct, roles, n_options, conv
+    return Scores(nll, correct, roles, n_options, conv)
+
+
+def role_stats(s):
+    """summarize() of a Scores."""
+    return summarize(s.nll, s.correct, s.roles, s.n_options)
 
 
 def walk_stats(correct, roles, conv):
@@ -197,13 +206,13 @@ def probe_stats(model, tokenizer, convs):
     near = [c for c in convs if c["skill"] == "near"]
     plain = [c for c in convs if c["skill"] != "near"]
     scores = score(model, tokenizer, plain)
-    stats = summarize(*scores[:4])
+    stats = role_stats(scores)
     out = {short: stats[role] for short, role in PROBE_ROLES.items() if role in stats}
-    out.update(walk_stats(*scores[1:3], scores[4]))
+    out.update(walk_stats(scores.correct, scores.roles, scores.conv))
     if near:
         near_scores = score(model, tokenizer, near)
-        near_stats = {"near_check": summarize(*near_scores[:4]).get(PROBE_ROLES["check"]),
-                      "near_walk": walk_stats(*near_scores[1:3], near_scores[4]).get("walk")}
+        near_stats = {"near_check": role_stats(near_scores).get(PROBE_ROLES["check"]),
+                      "near_walk": walk_stats(near_scores.correct, near_scores.roles, near_scores.conv).get("walk")}
         out.update({k: v for k, v in near_stats.items() if v})
     model.train(was_training)
     return out
@@ -270,7 +279,8 @@ def main(argv=None):
     if config["model_type"] == "vlm":
         convs = held_out(os.path.join(args.data, args.train_file), args.val_every, args.limit)
         scores = score(model, tokenizer, convs, args.batch_size)
-        result.update(conversations=len(convs), roles=summarize(*scores[:4]), walks=walk_stats(*scores[1:3], scores[4]))
+        result.update(conversations=len(convs), roles=role_stats(scores),
+                      walks=walk_stats(scores.correct, scores.roles, scores.conv))
         print(f"{args.ckpt}: {len(convs)} held-out conversations of {args.train_file}")
         print(format_table({**result["roles"], **{f"whole walks: {k}": v for k, v in result["walks"].items()}}))
     if args.probe:

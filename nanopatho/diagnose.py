@@ -173,9 +173,9 @@ def role_stats(s):
 def walk_stats(correct, roles, conv):
     """{"walk", "match"} over the conversations with an option walk (one walk each, checks in order, the
     last one the matching option's "yes"), in summarize's layout; {} when none has a walk."""
-    checks = {}
+    check, checks = ROLES.index("option check (reasoning)"), {}
     for ok, role, c in zip(correct, roles, conv):
-        if role == ROLES.index("option check (reasoning)"):
+        if role == check:
             checks.setdefault(c, []).append(bool(ok))
     if not checks:
         return {}

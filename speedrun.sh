@@ -159,7 +159,7 @@ for SEED in ${SEEDS//,/ }; do
   # a resume neither redoes nor recounts an evaluation already done, and evaluates a model trained again
   for CK in pretrain sft rl_grpo rl_dapo; do
     evaluation "$O/$CK/eval.json" "$O/eval_$CK.log" -m nanopatho.evaluate --ckpt "$O/$CK" --data "$DATA" \
-      --tasks mcq,vqa --max_new_tokens 256
+      --tasks mcq,vqa --max_new_tokens 256 --responses
     echo "[eval] $CK: $(grep -E '^mcq +accuracy +[0-9]' "$O/eval_$CK.log" | tr -s ' ')"
   done
   # where the loss sits: option letters vs the rest of the reply (SFT held-out rows), and the reading probe
@@ -176,6 +176,13 @@ for SEED in ${SEEDS//,/ }; do
     done
     evaluation "$O/pretrain/readout.json" "$O/readout_pretrain.log" -m data.synthpath.readout --ckpt "$O/pretrain" \
       --out "$O/pretrain/readout.json"
+    # where each MCQ point went: the finding the reply stated before its walk (sight) or the walk (reading),
+    # from the replies the evaluation above kept (no model run; an eval.json from before --responses keeps none)
+    for CK in sft rl_grpo rl_dapo; do
+      if ! grep -q '"responses"' "$O/$CK/eval.json"; then echo "[sight] $CK: eval.json keeps no replies, skipped"; continue; fi
+      evaluation "$O/$CK/sight.json" "$O/sight_$CK.log" -m data.synthpath.sight --eval "$O/$CK/eval.json" \
+        --data "$DATA" --out "$O/$CK/sight.json"
+    done
   fi
 done
 

@@ -588,6 +588,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max_new_tokens", type=int, default=256, help="generation budget for mcq / vqa")
     p.add_argument("--out", default=None, help="output JSON path (default: CKPT/eval.json)")
+    p.add_argument("--responses", action="store_true",
+                   help="also keep every greedy reply in the output (mcq / vqa \"responses\", in the test files' order), "
+                        "for offline analyses such as data/synthpath/sight.py")
     args = p.parse_args(argv)
 
     model, config, tokenizer = load_checkpoint(args.ckpt, args.device)
@@ -602,7 +605,8 @@ def main(argv=None):
     if kind == "clip":
         results = eval_clip(model, tokenizer, args.data, tasks, **common)
     else:
-        results = eval_vlm(model, tokenizer, args.data, tasks, max_new_tokens=args.max_new_tokens, **common)
+        results = eval_vlm(model, tokenizer, args.data, tasks, max_new_tokens=args.max_new_tokens,
+                           return_responses=args.responses, **common)
     out_path = args.out or os.path.join(args.ckpt, "eval.json")
     with open(out_path, "w") as f:
         json.dump({"ckpt": args.ckpt, "model_type": kind, "data": args.data, "limit": args.limit,

@@ -99,6 +99,7 @@ def collect(out, seeds):
     report["per_seed_mcq"] = {st: [dig(evals[s][st], ("mcq", "accuracy")) for s in seeds] for st, _ in VLM_STAGES}
     report["mcq_by_type"] = mcq_by_type(evals, seeds)
     report["mcq_walk"] = mcq_walk(evals, seeds)
+    report["mcq_sight"] = mcq_sight(out, seeds)
     report["sft_token_roles"] = token_roles(out, seeds)
     report["reading_probe"] = reading_probe(out, seeds)
     shared = stage_seconds(out, None)
@@ -185,6 +186,44 @@ def walk_markdown(walk):
     for stage, label in VLM_STAGES:
         if stage in walk:
             lines.append(f"| {label} | " + " | ".join(fmt(walk[stage][key]) for key, _ in WALK_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+SIGHT_FINDINGS = [("tissue", "tissue"), ("glands", "glands"), ("pleomorphism", "pleomorphism"), ("mitoses", "mitoses"),
+                  ("grade", "grade"), ("grade", "necrosis")]  # (MCQ type, finding): a grade option holds two findings
+SIGHT_COLUMNS = [("right", "MCQ right"), ("stated_right", "stated the finding right (sight)"),
+                 ("follows", "answer follows the statement (reading)"), ("sight", "lost: wrong statement followed"),
+                 ("reading", "lost: right statement not followed"), ("unstated", "lost: never stated"),
+                 ("other", "lost: a wrong statement not followed")]
+
+
+def mcq_sight(out, seeds):
+    """{stage: {"type/finding": {column: summary}}} from data/synthpath/sight.py's split of each stage's kept MCQ
+    replies (out/seed<k>/<stage>/sight.json): what the reply stated before walking, and whether the walk followed."""
+    result = {}
+    for stage, _ in VLM_STAGES:
+        runs = [dig(read_json(os.path.join(out, f"seed{s}", stage, "sight.json")), ("split",)) for s in seeds]
+        if not any(runs):
+            continue
+        result[stage] = {}
+        for qtype, finding in SIGHT_FINDINGS:
+            cells = [(dig(r, (qtype,)) or {}, dig(r, (qtype, "findings", finding)) or {}) for r in runs]
+            result[stage][f"{qtype}/{finding}"] = {
+                col: summarise([(t if col == "right" else f).get(col) for t, f in cells]) for col, _ in SIGHT_COLUMNS}
+    return result
+
+
+def sight_markdown(sight):
+    """Per stage and tumour finding: what the MCQ replies saw and how they read it (shares of the type's items)."""
+    if not sight:
+        return ""
+    lines = ["| MCQ, per finding | " + " | ".join(label for _, label in SIGHT_COLUMNS) + " |", "|---|" + "---|" * len(SIGHT_COLUMNS)]
+    for stage, label in VLM_STAGES:
+        for key, row in sight.get(stage, {}).items():
+            if any(row.values()):
+                qtype, finding = key.split("/")
+                name = finding if finding == qtype else f"{qtype} ({finding} half)"
+                lines.append(f"| {label}: {name} | " + " | ".join(fmt(row[col]) for col, _ in SIGHT_COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -494,6 +533,12 @@ def write_markdown(report, meta, info, claim_rows, curve_note, seeds, preset):
         parts += ["\nHow the MCQ replies reach their letter (`nanopatho.evaluate.walk_metrics`): a reply that accepts the "
                   "gold option's text but gives another letter lost the point to reading; one that accepts another "
                   "option lost it to what it concluded (or to a wrong yes/no check in the walk):\n", walk]
+    sight = sight_markdown(report.get("mcq_sight"))
+    if sight:
+        parts += ["\nWhere the MCQ points go (`python -m data.synthpath.sight`): every chain states its finding before "
+                  "it walks the options, so a wrong answer either followed a wrong statement (sight), left a right one "
+                  "(reading), or decided a finding it never stated; RL rewards the answer only, and lifts a type "
+                  "above its stated-right share only by seeing better:\n", sight]
     roles = roles_markdown(report.get("sft_token_roles"))
     if roles:
         parts += ["\nWhere the SFT model's loss sits, on SFT held-out conversations (`python -m nanopatho.diagnose`):\n",
@@ -557,7 +602,7 @@ def main(argv=None):
     if args.readme:
         vlm_table, clip_table = tables_markdown(report, meta)
         tables = [t for t in (vlm_table, by_type_markdown(report["mcq_by_type"]),
-                              walk_markdown(report["mcq_walk"]), clip_table,
+                              walk_markdown(report["mcq_walk"]), sight_markdown(report["mcq_sight"]), clip_table,
                               tower_markdown(report["tower_perception"], report["base_vision_seconds"]),
                               roles_markdown(report["sft_token_roles"]),
                               probe_markdown(report["reading_probe"], shared_seconds(report))) if t]

@@ -332,7 +332,12 @@ def test_cli_end_to_end_on_tiny_random_models(tmp_path, capsys):
     main(["--ckpt", str(tmp_path / "vlm"), "--data", str(data), "--tasks", "mcq,vqa,zeroshot", "--limit", "4",
           "--max_new_tokens", "4", "--batch_size", "3", "--out", str(out)])
     res = json.loads(out.read_text())["results"]
-    assert set(res) == {"mcq", "vqa_closed", "vqa_open"}
+    assert set(res) == {"mcq", "vqa_closed", "vqa_open"} and "responses" not in res["mcq"]
+    main(["--ckpt", str(tmp_path / "vlm"), "--data", str(data), "--tasks", "mcq,vqa", "--limit", "4",
+          "--max_new_tokens", "4", "--batch_size", "3", "--out", str(tmp_path / "kept.json"), "--responses"])
+    kept = json.loads((tmp_path / "kept.json").read_text())["results"]
+    assert len(kept["mcq"]["responses"]) == 4 and len(kept["vqa_closed"]["responses"]) == 2
+    assert kept["mcq"]["accuracy"] == res["mcq"]["accuracy"]  # keeping the replies changes no score
     assert res["mcq"]["n"] == 4 and res["mcq"]["chance"]["accuracy"] == 0.5 and res["mcq"]["length_unit"] == "tokens"
     assert 0 < res["mcq"]["mean_response_length"] <= 4
     printed = capsys.readouterr().out

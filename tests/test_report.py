@@ -289,3 +289,31 @@ def test_commit_is_the_one_the_models_record(tmp_path):
     write(os.path.join(out, "seed0", "clip", "config.json"), {"code": {"commit": "0ff1ce0", "dirty": False}})
     assert report.trained_by(out, [0, 1]) == "0ff1ce0, abc1234, abc1234+dirty"
     assert report.trained_by(out, [0]) == "0ff1ce0, abc1234"  # seed 1 is not in this report
+
+
+def test_mcq_sight_table(tmp_path, monkeypatch):
+    """sight.json's per-finding split averaged over seeds per stage; a grade question's two findings get a row each;
+    a stage without the file gets no row."""
+    out = str(tmp_path / "out")
+
+    def finding(stated_right, sight, reading, unstated=0.0):
+        return {"stated": 1.0, "stated_right": stated_right, "follows": 1.0 - reading, "sight": sight,
+                "reading": reading, "unstated": unstated, "other": 0.0}
+    for seed, sr in enumerate([0.4, 0.6]):
+        split = {"mitoses": {"n": 60, "right": sr, "no_answer": 0.0, "findings": {"mitoses": finding(sr, 1 - sr, 0.0)}},
+                 "grade": {"n": 65, "right": 0.3, "no_answer": 0.0,
+                           "findings": {"grade": finding(0.8, 0.2, 0.0), "necrosis": finding(0.2, 0.1, 0.1, 0.4)}}}
+        write(os.path.join(out, f"seed{seed}", "sft", "sight.json"), {"split": split})
+    r = report.collect(out, [0, 1])
+    assert set(r["mcq_sight"]) == {"sft"}
+    assert r["mcq_sight"]["sft"]["mitoses/mitoses"]["stated_right"]["mean"] == pytest.approx(0.5)
+    assert r["mcq_sight"]["sft"]["tissue/tissue"]["right"] is None  # no tissue questions in these files
+    table = report.sight_markdown(r["mcq_sight"])
+    assert "| stage 2 SFT: mitoses | 0.500 ± 0.100 | 0.500 ± 0.100 | 1.000 ± 0.000 | 0.500 ± 0.100 | 0.000 ± 0.000 |" in table
+    assert "| stage 2 SFT: grade (necrosis half) | 0.300 ± 0.000 | 0.200 ± 0.000 | 0.900 ± 0.000 | 0.100 ± 0.000 | " \
+           "0.100 ± 0.000 | 0.400 ± 0.000 | 0.000 ± 0.000 |" in table
+    assert "tissue" not in table and "GRPO" not in table
+    monkeypatch.setattr(report, "plot_curves", lambda *a: "(no curves in this test)")
+    report.main(["--out", out, "--data", str(tmp_path / "no_data"), "--seeds", "0,1"])
+    assert table in (tmp_path / "out" / "report.md").read_text()
+    assert report.sight_markdown(report.collect(str(tmp_path / "empty"), [0])["mcq_sight"]) == ""

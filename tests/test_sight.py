@@ -1,6 +1,9 @@
 """data.synthpath.sight: the MCQ error split into sight / reading / unstated / other."""
+import json
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from data.synthpath import sight, text, world
 
@@ -80,3 +83,24 @@ def test_gold_chains_state_the_truth_and_follow_it():
         if qtype != "grade":
             (f,) = t["findings"].values()
             assert f["reading"] == 1.0 and f["follows"] == 0.0
+
+
+def test_cli_reads_the_replies_an_evaluate_run_kept(tmp_path, capsys):
+    items, replies, _ = gold_chains(1, 20)
+    (tmp_path / "images").mkdir()
+    with open(tmp_path / "mcq_test.jsonl", "w") as f:
+        for i, q in enumerate(items):
+            Image.new("RGB", (8, 8)).save(tmp_path / "images" / f"{i}.png")
+            f.write(json.dumps({"image": f"images/{i}.png", **{k: q[k] for k in ("question", "options", "answer", "type")}}) + "\n")
+    run = tmp_path / "eval.json"
+    run.write_text(json.dumps({"data": str(tmp_path), "limit": None, "results": {"mcq": {"responses": replies}}}))
+    sight.main(["--eval", str(run), "--out", str(tmp_path / "sight.json")])
+    saved = json.loads((tmp_path / "sight.json").read_text())["split"]
+    assert saved == sight.split(items, replies) and all(t["right"] == 1.0 for t in saved.values())
+    assert "mitoses       mitoses" in capsys.readouterr().out
+    run.write_text(json.dumps({"data": str(tmp_path), "limit": 5, "results": {"mcq": {"responses": replies}}}))
+    with pytest.raises(SystemExit, match="20 replies for 5 items"):
+        sight.main(["--eval", str(run)])
+    run.write_text(json.dumps({"data": str(tmp_path), "limit": None, "results": {"mcq": {"accuracy": 1.0}}}))
+    with pytest.raises(SystemExit, match="--responses"):
+        sight.main(["--eval", str(run)])

@@ -27,7 +27,8 @@ value = lambda flag: args[args.index(flag) + 1] if flag in args else None
 module = value("-m") or args[0]
 with open(os.environ["FAKE_LOG"], "a") as f:
     kind = "trains" if value("--out_dir") else "reads"
-    f.write(f"{module} {kind} {value('--out_dir') or value('--ckpt') or value('--init')} seed {value('--seed')}\n")
+    read = value('--ckpt') or value('--init') or (value('--eval') and os.path.dirname(value('--eval')))
+    f.write(f"{module} {kind} {value('--out_dir') or read} seed {value('--seed')}\n")
 if value("--out_dir"):
     os.makedirs(value("--out_dir"), exist_ok=True)
     open(os.path.join(value("--out_dir"), "model.safetensors"), "w").close()
@@ -39,7 +40,7 @@ elif value("--out") and module != "nanopatho.report":
         json.dump({}, f)
 elif module == "nanopatho.evaluate":
     with open(os.path.join(value("--ckpt"), "eval.json"), "w") as f:
-        json.dump({}, f)
+        json.dump({"results": {"mcq": {"responses": []}}} if "--responses" in args else {}, f)
 if module == "nanopatho.diagnose" and value("--require"):
     with open(os.path.join(value("--ckpt"), "seed")) as f:
         seed = f.read()
@@ -128,7 +129,7 @@ def test_base_seed_picks_stage0s_first_seed(tmp_path):
 
 
 def evaluations(tmp_path):
-    """(module, checkpoint) of the calls that read a seed's checkpoint (evaluate, diagnose, perception, readout)."""
+    """(module, checkpoint) of the calls that read a seed's checkpoint (evaluate, diagnose, perception, readout, sight)."""
     with open(tmp_path / "calls.log") as f:
         rows = [line.split() for line in f]
     return [(r[0], r[2]) for r in rows if r[1] == "reads" and os.sep + "seed0" + os.sep in r[2]]
@@ -139,16 +140,31 @@ def test_a_rerun_skips_evaluations_already_done_and_redoes_a_retrained_models(tm
     trained again after its evaluation (here rl_dapo's, made newer) is evaluated again and timed again."""
     out, _, _ = speedrun(tmp_path, "")
     first = evaluations(tmp_path)
-    assert [m for m, _ in first].count("nanopatho.evaluate") == 4 and len(first) == 9  # + 2 diagnose, 2 perception, readout
+    assert [m for m, _ in first].count("nanopatho.evaluate") == 4 and len(first) == 12  # + 2 diagnose, 2 perception,
+    assert [c for m, c in first if m == "data.synthpath.sight"] == [  # readout, and 3 sight splits of kept replies
+        str(out / "seed0" / ck) for ck in ("sft", "rl_grpo", "rl_dapo")]
     (tmp_path / "calls.log").unlink()
     _, proc, _ = speedrun(tmp_path, "")
     assert evaluations(tmp_path) == [] and "[eval] rl_dapo" in proc.stdout
     timed = [t for t in times(out / "seed0") if t.startswith("evaluate/")]
-    assert len(timed) == 9 and "evaluate/perception_clip" in timed
+    assert len(timed) == 12 and "evaluate/perception_clip" in timed
     dapo = out / "seed0" / "rl_dapo" / "model.safetensors"
     later = os.stat(dapo.parent / "eval.json").st_mtime + 10
     os.utime(dapo, (later, later))
     (tmp_path / "calls.log").unlink()
     speedrun(tmp_path, "")
-    assert evaluations(tmp_path) == [("nanopatho.evaluate", str(dapo.parent))]
-    assert [t for t in times(out / "seed0") if t.startswith("evaluate/")] == timed + ["evaluate/eval_rl_dapo"]
+    assert evaluations(tmp_path) == [("nanopatho.evaluate", str(dapo.parent)), ("data.synthpath.sight", str(dapo.parent))]
+    assert [t for t in times(out / "seed0") if t.startswith("evaluate/")] == timed + ["evaluate/eval_rl_dapo",
+                                                                                      "evaluate/sight_rl_dapo"]
+
+
+def test_sight_skips_an_evaluation_from_before_kept_replies(tmp_path):
+    """A resumed run whose eval.json predates --responses keeps no replies: the sight split says so and goes on."""
+    out, _, _ = speedrun(tmp_path, "")
+    sft = out / "seed0" / "sft"
+    (sft / "eval.json").write_text("{}")
+    (sft / "sight.json").unlink()
+    (tmp_path / "calls.log").unlink()
+    _, proc, _ = speedrun(tmp_path, "")
+    assert "[sight] sft: eval.json keeps no replies, skipped" in proc.stdout
+    assert not (tmp_path / "calls.log").exists() or "data.synthpath.sight" not in (tmp_path / "calls.log").read_text()

@@ -22,8 +22,9 @@ four ways, counted per finding over all the questions of a type:
 one-finding type. RL rewards the answer only, so it can lift an accuracy towards stated_right by reading, and
 above it only by seeing better.
 
-    python -m data.synthpath.sight --ckpt out/seed0/sft --data data/synthpath/toy --file mcq_test.jsonl
-    python -m data.synthpath.sight --ckpt out/seed0/rl_grpo --data DEV_WORLD --out sight.json   # ~60 s, 450 items
+    python -m data.synthpath.sight --ckpt out/seed0/sft --data data/synthpath   # greedy replies to mcq_test, ~60 s
+    python -m data.synthpath.sight --eval out/seed0/sft/eval.json --out out/seed0/sft/sight.json   # no model: the
+        # replies an `nanopatho.evaluate --responses` run kept (the speedrun's), to the same items
 """
 
 import argparse
@@ -122,33 +123,62 @@ def format_table(tally):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a VLM checkpoint directory")
-    p.add_argument("--data", required=True, help="a SynthPath world (data/synthpath/prepare.py's output)")
-    p.add_argument("--file", default="mcq_test.jsonl", help="MCQ items with a 'type', relative to --data")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=256, help="greedy generation budget (the speedrun's eval: 256)")
-    p.add_argument("--out", default=None, help="also write the table and the replies as JSON here")
-    args = p.parse_args(argv)
+def model_replies(args, items):
+    """Greedy replies of --ckpt to the items, as nanopatho.evaluate generates them."""
     from nanopatho import checkpoint
-    from nanopatho.data import load_records, preload_images
+    from nanopatho.data import preload_images
     from nanopatho.evaluate import generate_answers
 
     model, _, tokenizer = checkpoint.load(args.ckpt, "cpu", expect="vlm")
     model.eval()
-    items, _ = load_records(os.path.join(args.data, args.file), ("image", "question", "options", "answer", "type"))
-    items = items[:args.limit]
     images, items, _ = preload_images(items, model.config.vision.image_size, desc="images")
     replies, _ = generate_answers(model, tokenizer, items, images, batch_size=args.batch_size, device="cpu",
                                   max_new_tokens=args.max_new_tokens)
+    return replies
+
+
+def kept_replies(path, items):
+    """The MCQ replies an `evaluate --responses` run kept, checked against the items they answer."""
+    with open(path) as f:
+        replies = json.load(f)["results"].get("mcq", {}).get("responses")
+    if replies is None:
+        raise SystemExit(f"{path}: no MCQ replies kept; run nanopatho.evaluate with --tasks mcq --responses")
+    if len(replies) != len(items):
+        raise SystemExit(f"{path}: {len(replies)} replies for {len(items)} items; pass the --data and --limit it ran with")
+    return replies
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a VLM checkpoint directory: its greedy replies are generated here")
+    src.add_argument("--eval", help="an eval.json written by `nanopatho.evaluate --responses`: its kept replies")
+    p.add_argument("--data", default=None, help="a SynthPath world (prepare.py's output); --eval: default its own")
+    p.add_argument("--file", default="mcq_test.jsonl", help="MCQ items with a 'type', relative to --data")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (--eval: default its own)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_new_tokens", type=int, default=256, help="greedy generation budget (the speedrun's eval: 256)")
+    p.add_argument("--out", default=None, help="also write the table and the replies as JSON here")
+    args = p.parse_args(argv)
+    from nanopatho.data import load_records
+
+    if args.eval:
+        with open(args.eval) as f:
+            run = json.load(f)
+        args.data = args.data or run.get("data")
+        args.limit = args.limit or run.get("limit")
+    if not args.data:
+        raise SystemExit("--data: which world's items the replies answer")
+    items, _ = load_records(os.path.join(args.data, args.file), ("image", "question", "options", "answer", "type"))
+    items = items[:args.limit]
+    replies = kept_replies(args.eval, items) if args.eval else model_replies(args, items)
     tally = split(items, replies)
-    print(f"{args.ckpt}: where the MCQ answers of {args.file} go wrong, greedy, {len(items)} items")
+    print(f"{args.eval or args.ckpt}: where the MCQ answers of {args.file} go wrong, greedy, {len(items)} items")
     print(format_table(tally))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"ckpt": args.ckpt, "data": args.data, "file": args.file, "split": tally, "replies": replies}, f, indent=2)
+            json.dump({"source": args.eval or args.ckpt, "data": args.data, "file": args.file, "split": tally,
+                       "replies": None if args.eval else replies}, f, indent=2)
 
 
 if __name__ == "__main__":

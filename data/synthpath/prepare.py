@@ -46,12 +46,10 @@ from data.synthpath import text as T  # noqa: E402
 from data.synthpath.world import CLASSES, GLANDS, LEVELS, MAX_MITOSES, PLEO, SIZES, render, sample_attributes  # noqa: E402
 from nanopatho.prompts import SYSTEM_PROMPT, format_question  # noqa: E402
 
-VERSION = "synthpath-1.5"  # 1.1: larger mitotic figures with halos, giant nuclei for pleomorphism; 1.2: + the
+VERSION = "synthpath-1.4"  # 1.1: larger mitotic figures with halos, giant nuclei for pleomorphism; 1.2: + the
                            # three files marked 1.2 above (the probe's names avoid their words too); 1.3: the
                            # reading files' words include every word of the tumour MCQ options (reading.py);
-                           # 1.4: reading_probe.jsonl + near-miss walks (skill "near"), the first 400 rows the same;
-                           # 1.5: a tumour tile's long tissue chain restates the tissue last (text.chain), the SFT
-                           # files' other rows the same
+                           # 1.4: reading_probe.jsonl + near-miss walks (skill "near"), the first 400 rows the same
 PIXELS = "synthpath-1.1"   # the renderer's version, in every tile's name: 1.2 draws the same tiles
 TRAIN_CLASS_P = {c: (0.28 if c == "TUM" else 0.09) for c in CLASSES}   # tumours oversampled for SFT / RL
 HIST_BINS = 8                                                           # per channel, colour baseline

@@ -315,8 +315,7 @@ def ask(rng, qtype, kind, cls, attrs, target="yes", pos=0):
 
 def chain(rng, q, cls, attrs, length):
     """<think> text for question q: short = the decisive fact, medium = tissue + decisive fact,
-    long = tissue + every visible attribute + the decisive fact (grade rule for grade questions; a tumour
-    tile's tissue question states the tissue first and again last, 1.5);
+    long = tissue + every visible attribute + the decisive fact (grade rule for grade questions);
     then a closing that states the answer (MCQ: walk_options; for a yes/no question about a name,
     "The question asks about fat, that is adipose tissue." first)."""
     obs = observations(rng, cls, attrs)
@@ -327,8 +326,8 @@ def chain(rng, q, cls, attrs, length):
         steps = [obs["tissue"], key]
     elif cls != "TUM":
         steps = [key, _contrast(rng, cls)]
-    elif q["type"] == "tissue":  # the tissue restated last: the walk checks against the sentence before it
-        steps = [key, obs["glands"], obs["pleomorphism"], f"So the tissue is {NAME[cls]}."]
+    elif q["type"] == "tissue":
+        steps = [key, obs["glands"], obs["pleomorphism"]]
     else:   # long: tissue, every other visible attribute, then the decisive one (grade: the rule last)
         steps = [obs[k] for k in obs if k not in (q["type"], "grade")] + [key]
     if q["kind"] == "mcq":

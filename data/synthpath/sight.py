@@ -24,7 +24,7 @@ above it only by seeing better.
 
     python -m data.synthpath.sight --ckpt out/seed0/sft --data data/synthpath   # greedy replies to mcq_test, ~60 s
     python -m data.synthpath.sight --eval out/seed0/sft/eval.json --out out/seed0/sft/sight.json   # no model: the
-        # replies an `nanopatho.evaluate --responses` run kept (the speedrun's), to the same items
+        # replies a `nanopatho.evaluate --responses` run kept (the speedrun's), to the same items
 """
 
 import argparse

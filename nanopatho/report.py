@@ -148,13 +148,17 @@ def mcq_by_type(evals, seeds):
     return out
 
 
+def table_head(title, labels):
+    """A markdown table's header and rule: the first column titled `title`, then one column per label."""
+    return [f"| {title} | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+
+
 def by_type_markdown(by_type):
     """MCQ accuracy per question type and stage, beside each type's chance and item count."""
     if not by_type:
         return ""
     types = by_type["types"]
-    lines = ["| MCQ accuracy by question type | " + " | ".join(f"{t} (n={by_type['n'][t]})" for t in types) + " |",
-             "|---|" + "---|" * len(types)]
+    lines = table_head("MCQ accuracy by question type", [f"{t} (n={by_type['n'][t]})" for t in types])
     for stage, label in VLM_STAGES:
         lines.append(f"| {label} | " + " | ".join(fmt(by_type["stages"][stage][t]) for t in types) + " |")
     lines.append("| chance | " + " | ".join(fmt_chance(by_type["chance"][t]) for t in types) + " |")
@@ -182,7 +186,7 @@ def walk_markdown(walk):
     """The option-walk table: per stage, how the MCQ replies read their options and what they accepted."""
     if not walk:
         return ""
-    lines = ["| MCQ replies | " + " | ".join(label for _, label in WALK_COLUMNS) + " |", "|---|" + "---|" * len(WALK_COLUMNS)]
+    lines = table_head("MCQ replies", [label for _, label in WALK_COLUMNS])
     for stage, label in VLM_STAGES:
         if stage in walk:
             lines.append(f"| {label} | " + " | ".join(fmt(walk[stage][key]) for key, _ in WALK_COLUMNS) + " |")
@@ -217,7 +221,7 @@ def sight_markdown(sight):
     """Per stage and tumour finding: what the MCQ replies saw and how they read it (shares of the type's items)."""
     if not sight:
         return ""
-    lines = ["| MCQ, per finding | " + " | ".join(label for _, label in SIGHT_COLUMNS) + " |", "|---|" + "---|" * len(SIGHT_COLUMNS)]
+    lines = table_head("MCQ, per finding", [label for _, label in SIGHT_COLUMNS])
     for stage, label in VLM_STAGES:
         for key, row in sight.get(stage, {}).items():
             if any(row.values()):
@@ -257,8 +261,8 @@ def tower_markdown(tower, base_seconds):
     beside the majority class."""
     if not tower or not any(tower[row][a] for row, _ in TOWER_ROWS for a, _ in TOWER_ATTRIBUTES):
         return ""
-    lines = ["| held-out tumour tiles: what the tower sees, what the LM says | " +
-             " | ".join(label for _, label in TOWER_ATTRIBUTES) + " |", "|---|" + "---|" * len(TOWER_ATTRIBUTES)]
+    lines = table_head("held-out tumour tiles: what the tower sees, what the LM says",
+                       [label for _, label in TOWER_ATTRIBUTES])
     for row, label in TOWER_ROWS:
         if not any(tower[row][a] for a, _ in TOWER_ATTRIBUTES):  # e.g. a run from before the readout
             continue
@@ -296,8 +300,7 @@ def probe_markdown(probe, shared_seconds):
     that has no diagnose.json (a run without stage 0's second phase) has no row."""
     if not probe or not any(probe[st][sk] for st, _ in PROBE_STAGES for sk, _ in PROBE_SKILLS):
         return ""
-    lines = ["| reading probe (names never trained on) | " + " | ".join(label for _, label in PROBE_SKILLS) + " |",
-             "|---|" + "---|" * len(PROBE_SKILLS)]
+    lines = table_head("reading probe (names never trained on)", [label for _, label in PROBE_SKILLS])
     for stage, label in PROBE_STAGES:
         if not any(probe[stage][sk] for sk, _ in PROBE_SKILLS):
             continue

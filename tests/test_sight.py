@@ -40,6 +40,9 @@ def test_hand_case_grade_two_findings():
     assert t["right"] == 0.0
     assert (grade["stated_right"], grade["follows"], grade["sight"] + grade["reading"]) == (1.0, 1.0, 0.0)
     assert (necrosis["stated"], necrosis["stated_right"], necrosis["follows"]) == (0.5, 0.0, 1.0)
+    assert set(grade) == set(necrosis) == {"stated", "stated_right", "follows", *sight.CAUSES}  # no working counts left
+    silent = sight.split([MITOSES], ["<think>Crowded nuclei.</think>"])["mitoses"]["findings"]["mitoses"]
+    assert silent["follows"] is None and set(silent) == set(grade)  # nothing stated: no share, no stray count
     assert (necrosis["unstated"], necrosis["sight"]) == (0.5, 0.5)
 
 

@@ -103,7 +103,8 @@ def split(items, replies):
                 f[cause(said, chosen.get(finding), value)] += 1
     for t in tally.values():
         for f in t["findings"].values():
-            f["follows"] = f["follows"] / f.pop("n_follows") if f["n_follows"] else None
+            n_follows = f.pop("n_follows")
+            f["follows"] = f["follows"] / n_follows if n_follows else None
             for k in ("stated", "stated_right") + CAUSES:
                 f[k] /= t["n"]
         t["right"] /= t["n"]

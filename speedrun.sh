@@ -134,8 +134,13 @@ if [ "$PRESET" = toy ]; then
   # RL on every tumour question type, now that the SFT model reads each above chance, plus a share of tissue
   # questions: RL on some types wore down the others (grade, mitoses), and 120 steps keep RL's time near
   # what it was (issue-15 notes, session 17). --eval_every 0: no held-out MCQ every 20 steps (one at the end),
-  # since every checkpoint is evaluated in full below; it only logged, the training is the same
-  RL_TYPES=(--types glands,pleomorphism,mitoses,grade,tissue:165 --max_steps 120 --eval_every 0)
+  # since every checkpoint is evaluated in full below; it only logged, the training is the same.
+  # --ptx_file: PPO-ptx also on a tissue MCQ per train tumour in its short chain (SynthPath 1.5): without them
+  # RL gave the tissue questions on tumour tiles the tumour questions' long form and the walk then checked the
+  # options against the last finding listed (dev world, GRPO seed 0 from one SFT, step 120: tissue 0.937 -> 0.992,
+  # MCQ 0.804 -> 0.836; issue-15 notes, sessions 30-31)
+  RL_TYPES=(--types glands,pleomorphism,mitoses,grade,tissue:165 --max_steps 120 --eval_every 0
+            --ptx_file sft_train.jsonl,sft_tissue_tumour.jsonl)
   stage base_vision "$OUT/base_vision.log" $PYTHON -m data.synthpath.perception --n_train 4000 --steps 1500 \
     --out_dir "$OUT/base_vision"
   CLIP_INIT=(--vision_init "$OUT/base_vision")

@@ -136,3 +136,19 @@ def test_load_ptx_takes_sft_training_rows_only(tmp_path_factory):
     cfg.ptx_file = "no_such_file.jsonl"
     with pytest.raises(Exception, match="no_such_file"):
         train_rl.load_ptx(cfg, tok, model)
+
+
+def test_load_ptx_reads_a_comma_list_as_one_manifest(tmp_path_factory):
+    """--ptx_file a,b (the toy speedrun's sft_train.jsonl,sft_tissue_tumour.jsonl): the rows of both files, in
+    order, every 20th of the whole list held out, as train_sft.py --train_file a,b does."""
+    world = tiny_world(tmp_path_factory)
+    model, _, tok = checkpoint.load(world["init"], expect="vlm")
+    cfg = types.SimpleNamespace(data=world["data"], ptx_file="sft_train.jsonl", skip_bad_samples=False,
+                                allow_outside_root=False)
+    one, _ = train_rl.load_ptx(cfg, tok, model)
+    cfg.ptx_file = "sft_train.jsonl,sft_train.jsonl"
+    two, _ = train_rl.load_ptx(cfg, tok, model)
+    with open(os.path.join(world["data"], "sft_train.jsonl")) as f:
+        n = sum(1 for line in f if line.strip())
+    assert len(two) == 2 * n - sum(1 for k in range(2 * n) if k % 20 == 19)
+    assert [ids for ids, _ in two.seqs[:len(one)]] == [ids for ids, _ in one.seqs]

@@ -23,7 +23,7 @@ TINY = dict(seed=3, image_size=64, n_train=60, n_val=9, n_test=18, n_test_qa=20,
 MANIFESTS = ["captions_train.jsonl", "captions_val.jsonl", "textbook.jsonl", "zeroshot_test.jsonl", "retrieval_test.jsonl",
              "sft_train.jsonl", "rl_train.jsonl", "mcq_test.jsonl", "vqa_test.jsonl",
              "reading_train.jsonl", "reading_probe.jsonl", "reading_near.jsonl", "captions_findings.jsonl",
-             "sft_tumour.jsonl"]
+             "sft_tumour.jsonl", "sft_tissue_tumour.jsonl"]
 
 
 def _has_tokenizer():
@@ -214,6 +214,38 @@ def test_tumour_files_state_each_train_tumour_attributes(worlds):
     for r in sft:
         think, answer = re.fullmatch(r"<think>(.+)</think><answer>(.+)</answer>", r["messages"][2]["content"], re.S).groups()
         assert think.endswith(f"So the answer is {answer}.")
+
+
+def test_tissue_tumour_rows_ask_the_tissue_in_the_short_form(worlds):
+    """1.5's RL ptx rows: one tissue MCQ per train tumour, the gold option adenocarcinoma epithelium, the
+    chain the tissue sentence then the walk (no finding listed in between), answer letters balanced."""
+    root = worlds[0]
+    n_tum = json.load(open(os.path.join(root, "meta.json")))["class_counts"]["train"]["TUM"]
+    tumour_images = {r["image"] for r in read_jsonl(os.path.join(root, "captions_findings.jsonl"))}
+    rows = read_jsonl(os.path.join(root, "sft_tissue_tumour.jsonl"))
+    assert len(rows) == n_tum and {r["images"][0] for r in rows} == tumour_images
+    letters = []
+    for r in rows:
+        system, user, reply = (m["content"] for m in r["messages"])
+        assert system == SYSTEM_PROMPT and "\nOptions:\n" in user
+        think, answer = re.fullmatch(r"<think>(.+)</think><answer>([ABCD])</answer>", reply, re.S).groups()
+        options = dict(re.findall(r"^([ABCD])\) (.+)$", user, re.M))
+        assert options[answer] == T.NAME["TUM"]
+        finding, walk = think.split(" Checking the options:\n")
+        assert finding.endswith(f"which is {T.NAME['TUM']}.") and finding.count(".") == 1, finding
+        assert walk.endswith(f"{answer}) {T.NAME['TUM']}: yes.\nSo the answer is {answer}.")
+        letters.append(answer)
+    assert _spread(letters, "ABCD") <= 1
+
+
+def test_every_file_the_speedrun_names_is_in_the_world(worlds):
+    """speedrun.sh's --train_file / --reading_file / --ptx_file / --probe names are files prepare writes."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "speedrun.sh")) as f:
+        script = f.read()
+    named = {name for value in re.findall(r"--(?:train|reading|ptx)_file ([\w.,]+)|--probe ([\w.]+)", script)
+             for name in ",".join(value).split(",") if name}
+    assert {"sft_tissue_tumour.jsonl", "reading_probe.jsonl", "sft_tumour.jsonl"} <= named
+    assert named <= set(os.listdir(worlds[0]))
 
 
 def test_findings_caption_states_the_drawn_levels():

@@ -20,6 +20,7 @@ Writes under --out (image paths in every manifest are relative to --out):
     reading_near.jsonl                    (1.2) stage 0's second phase: near-miss option walks + the usual mix
     captions_findings.jsonl               (1.2) {"image", "caption"}: train tumours' findings by level word
     sft_tumour.jsonl                      (1.2) more SFT conversations per train tumour, about its attributes
+    sft_tissue_tumour.jsonl               (1.5) a tissue MCQ per train tumour, short chain: RL's ptx rows
     meta.json, contact_sheet.png, tokenizer.json
 Splits: train images feed captions_train / sft / rl, val images captions_val, and the test images
 (zero-shot + retrieval, and a tumour-rich MCQ + VQA pool) are never used for training. The same
@@ -46,10 +47,11 @@ from data.synthpath import text as T  # noqa: E402
 from data.synthpath.world import CLASSES, GLANDS, LEVELS, MAX_MITOSES, PLEO, SIZES, render, sample_attributes  # noqa: E402
 from nanopatho.prompts import SYSTEM_PROMPT, format_question  # noqa: E402
 
-VERSION = "synthpath-1.4"  # 1.1: larger mitotic figures with halos, giant nuclei for pleomorphism; 1.2: + the
+VERSION = "synthpath-1.5"  # 1.1: larger mitotic figures with halos, giant nuclei for pleomorphism; 1.2: + the
                            # three files marked 1.2 above (the probe's names avoid their words too); 1.3: the
                            # reading files' words include every word of the tumour MCQ options (reading.py);
-                           # 1.4: reading_probe.jsonl + near-miss walks (skill "near"), the first 400 rows the same
+                           # 1.4: reading_probe.jsonl + near-miss walks (skill "near"), the first 400 rows the same;
+                           # 1.5: + sft_tissue_tumour.jsonl, every other file byte-identical
 PIXELS = "synthpath-1.1"   # the renderer's version, in every tile's name: 1.2 draws the same tiles
 TRAIN_CLASS_P = {c: (0.28 if c == "TUM" else 0.09) for c in CLASSES}   # tumours oversampled for SFT / RL
 HIST_BINS = 8                                                           # per channel, colour baseline
@@ -254,11 +256,16 @@ def sft_rows(rng, records, tasks=("mcq", "description", "reasoning", "yesno"), p
                              attributes_only)
             question, options, answer = q["question"], q["options"], q["answer"]
             think = T.chain(rng, q, r["cls"], r["attrs"], length)
-        rows.append({"messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                  {"role": "user", "content": format_question(question, options)},
-                                  {"role": "assistant", "content": f"<think>{think}</think><answer>{answer}</answer>"}],
-                     "images": [r["image"]]})
+        rows.append(conversation(r["image"], question, options, think, answer))
     return rows
+
+
+def conversation(image, question, options, think, answer):
+    """One SFT row: system prompt, the question about the image, the reply with its chain and answer."""
+    return {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                         {"role": "user", "content": format_question(question, options)},
+                         {"role": "assistant", "content": f"<think>{think}</think><answer>{answer}</answer>"}],
+            "images": [image]}
 
 
 def tumour_sft_rows(rng, records, per_tumour):
@@ -266,6 +273,21 @@ def tumour_sft_rows(rng, records, per_tumour):
     yes/no), so SFT sees the attribute questions as often as the tissue ones."""
     tumours = [r for r in records if r["split"] == "train" and r["cls"] == "TUM" for _ in range(per_tumour)]
     return sft_rows(rng, tumours, tasks=("mcq", "reasoning", "yesno"), p=(0.5, 0.25, 0.25), attributes_only=True)
+
+
+def tissue_tumour_rows(rng, records):
+    """(1.5) One tissue MCQ per train tumour, its chain in the short form (the tissue, then the walk). Not
+    SFT data: RL's PPO-ptx term mixes them in (speedrun.sh, train_rl.py --ptx_file). RL trains mostly on the
+    tumour questions, whose long chains list the findings after the tissue, and carries that form over to
+    the tissue questions on the same tiles, where the walk then checks the options against the last finding
+    listed; in sft_train.jsonl these questions are 22 rows of 4,000, too few for ptx to hold their form."""
+    tumours = [r for r in records if r["split"] == "train" and r["cls"] == "TUM"]
+    rows = []
+    for r, pos in zip(tumours, _balanced(rng, len(tumours), [0, 1, 2, 3])):
+        q = T.ask(rng, "tissue", "mcq", r["cls"], r["attrs"], pos=pos)
+        think = T.chain(rng, q, r["cls"], r["attrs"], "short")
+        rows.append(conversation(r["image"], q["question"], q["options"], think, q["answer"]))
+    return rows
 
 
 def findings_rows(rng, records, per_tumour):
@@ -322,7 +344,7 @@ def write_text(out, cfg, records):
     """Every manifest; returns {file name: rows} for the meta and the tokenizer."""
     streams = {name: np.random.default_rng([cfg.seed, 2, i]) for i, name in enumerate(
         ["captions_train", "captions_val", "textbook", "retrieval", "sft", "rl", "mcq", "vqa", "reading", "probe",
-         "reading_near", "findings", "sft_tumour", "probe_near"])}
+         "reading_near", "findings", "sft_tumour", "probe_near", "tissue_tumour"])}
     qa_test = [r for r in records if r["split"] == "test_qa"]
     files = {
         "captions_train.jsonl": caption_rows(streams["captions_train"], records, "train", cfg.captions_per_image),
@@ -344,6 +366,7 @@ def write_text(out, cfg, records):
                                for row in R.near_rows(streams["reading_near"], cfg.reading_near_per_level, level)],
         "captions_findings.jsonl": findings_rows(streams["findings"], records, cfg.findings_per_tumour),
         "sft_tumour.jsonl": tumour_sft_rows(streams["sft_tumour"], records, cfg.sft_per_tumour),
+        "sft_tissue_tumour.jsonl": tissue_tumour_rows(streams["tissue_tumour"], records),
     }
     texts = training_texts(files)
     files["reading_probe.jsonl"] = (R.probe_rows(streams["probe"], cfg.reading_probe, texts)

@@ -280,7 +280,7 @@ def tissue_tumour_rows(rng, records):
     SFT data: RL's PPO-ptx term mixes them in (speedrun.sh, train_rl.py --ptx_file). RL trains mostly on the
     tumour questions, whose long chains list the findings after the tissue, and carries that form over to
     the tissue questions on the same tiles, where the walk then checks the options against the last finding
-    listed; in sft_train.jsonl these questions are 22 rows of 4,000, too few for ptx to hold their form."""
+    listed; in the seed-0 world's sft_train.jsonl they are 22 rows of 4,000, too few for ptx to hold their form."""
     tumours = [r for r in records if r["split"] == "train" and r["cls"] == "TUM"]
     rows = []
     for r, pos in zip(tumours, _balanced(rng, len(tumours), [0, 1, 2, 3])):

@@ -15,6 +15,7 @@ from PIL import Image
 from data.synthpath import text as T
 from data.synthpath import world
 from data.synthpath.prepare import DESCRIBE, centroid_accuracy, colour_histogram, prepare
+from e2e_util import ROOT
 from nanopatho.prompts import SYSTEM_PROMPT
 
 TINY = dict(seed=3, image_size=64, n_train=60, n_val=9, n_test=18, n_test_qa=20, vocab_size=400, progress=False,
@@ -240,7 +241,7 @@ def test_tissue_tumour_rows_ask_the_tissue_in_the_short_form(worlds):
 
 def test_every_file_the_speedrun_names_is_in_the_world(worlds):
     """speedrun.sh's --train_file / --reading_file / --ptx_file / --probe names are files prepare writes."""
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "speedrun.sh")) as f:
+    with open(os.path.join(ROOT, "speedrun.sh")) as f:
         script = f.read()
     named = {name for value in re.findall(r"--(?:train|reading|ptx)_file ([\w.,]+)|--probe ([\w.]+)", script)
              for name in ",".join(value).split(",") if name}

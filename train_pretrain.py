@@ -151,8 +151,9 @@ class CaptionPlan:
 
     def collate(self, samples, k):
         captions, seqs, images = iter(samples), [], []
-        for is_text, j in zip(*self._textbook_rows(k)):
-            if is_text:
+        is_text, which = self._textbook_rows(k)
+        for text_row, j in zip(is_text, which):
+            if text_row:
                 seqs.append(self.textbook[j])
             else:
                 seq, image = next(captions)
@@ -160,7 +161,8 @@ class CaptionPlan:
                 images.append(image)
         step, micro = divmod(k, self.cfg.grad_accum)
         gen = training.generator_for(self.cfg.seed, step, micro, self.rank)
-        return collate_rows(seqs, torch.stack(images) if images else None, self.tokenizer.pad_id, gen, self.cfg.augment)
+        return collate_rows(seqs, torch.stack(images) if images else None, self.tokenizer.pad_id, gen, self.cfg.augment,
+                            self.cfg.pack, [not t for t in is_text])
 
 
 def textbook_examples(cfg, tokenizer, path):

@@ -120,7 +120,8 @@ class ConversationPlan:
         gen = training.generator_for(self.cfg.seed, step, micro, self.rank)
         images = [image for _, image in samples if image is not None]
         return collate_rows([seq for seq, _ in samples], torch.stack(images) if images else None,
-                            self.tokenizer.pad_id, gen, self.cfg.augment)
+                            self.tokenizer.pad_id, gen, self.cfg.augment, self.cfg.pack,
+                            [image is not None for _, image in samples])
 
 
 def conversation_stream(cfg, tokenizer, n_image_tokens, image_size):

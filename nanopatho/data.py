@@ -500,16 +500,45 @@ def pad_sequences(seqs, pad_value, side="right"):
     return ids, mask
 
 
-def collate_lm(examples, pad_id):
+def pack_rows(lengths, capacity):
+    """First-fit decreasing: row lengths -> bins (lists of row indices) whose lengths sum to <= capacity.
+    Longest rows first, each into the first bin with room; a row longer than capacity gets a bin alone."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep their order
+        j = next((j for j, r in enumerate(room) if lengths[i] <= r), len(bins))
+        if j == len(bins):
+            bins.append([])
+            room.append(capacity)
+        bins[j].append(i)
+        room[j] -= lengths[i]
+    return bins
+
+
+def collate_lm(examples, pad_id, pack=False):
     """[(ids, loss_mask)] -> next-token batch, right-padded, each (B, T-1) with T the longest ids.
 
     input_ids = ids[:-1], targets = ids[1:], loss_mask = mask[1:] (the mask of the token being
     predicted); padded positions get input pad_id, target -1, loss_mask 0, attention 0.
+
+    pack=True puts several examples end to end in one row (pack_rows, rows no longer than the longest
+    example, so never more rows or columns than unpacked): attention_mask then holds k = 1, 2, ... for
+    the k-th example of its row (0 = pad), which the LM reads as block-diagonal causal attention with
+    positions restarting at each example, and "order" (n,) lists the examples in reading order (row by
+    row, left to right). Every example's logits, and so the summed loss and its gradient, are those of
+    the unpacked batch; only fewer pad tokens are computed.
     """
     for ids, mask in examples:
         assert len(ids) == len(mask) and len(ids) >= 2, "each example needs >= 2 ids and a mask of the same length"
-    input_ids, attention_mask = pad_sequences([ids[:-1] for ids, _ in examples], pad_id)
-    targets, _ = pad_sequences([ids[1:] for ids, _ in examples], -1)
-    loss_mask, _ = pad_sequences([mask[1:] for _, mask in examples], 0)
-    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask.float(),
-            "attention_mask": attention_mask}
+    n = [len(ids) - 1 for ids, _ in examples]  # next-token positions of each example
+    bins = pack_rows(n, max(n)) if pack else [[i] for i in range(len(examples))]
+
+    def rows(part):  # part(i) -> a list for example i; each bin's lists joined end to end
+        return [[x for i in b for x in part(i)] for b in bins]
+    input_ids, _ = pad_sequences(rows(lambda i: examples[i][0][:-1]), pad_id)
+    targets, _ = pad_sequences(rows(lambda i: examples[i][0][1:]), -1)
+    loss_mask, _ = pad_sequences(rows(lambda i: examples[i][1][1:]), 0)
+    segments, _ = pad_sequences([[k + 1 for k, i in enumerate(b) for _ in range(n[i])] for b in bins], 0)
+    batch = {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask.float(), "attention_mask": segments}
+    if pack:
+        batch["order"] = torch.tensor([i for b in bins for i in b], dtype=torch.long)  # (n,)
+    return batch

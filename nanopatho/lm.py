@@ -188,17 +188,29 @@ class DecoderLayer(nn.Module):
 
 
 def padding_attn_mask(attention_mask):
-    """(B, T) 1=real 0=pad -> boolean (B, 1, T, T): causal AND key is real, OR key is the query itself."""
+    """(B, T) 0 = pad, k > 0 = the k-th sequence packed into the row (a 0/1 mask: one sequence per row)
+    -> boolean (B, 1, T, T): causal AND key is real AND key is in the query's sequence, OR key is the
+    query itself. A pad query sees every real key before it, as with a 0/1 mask (its output is dropped)."""
     T = attention_mask.shape[1]
     idx = torch.arange(T, device=attention_mask.device)
     causal = idx[None, :] <= idx[:, None]  # (T, T) key <= query
-    allowed = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+    seq = attention_mask.long()  # (B, T)
+    same = (seq[:, :, None] == seq[:, None, :]) | (seq == 0)[:, :, None]  # (B, T, T) query row, key column
+    allowed = causal & (seq > 0)[:, None, None, :] & same[:, None]  # (B, 1, T, T)
     return allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
 
 
 def positions_from_mask(attention_mask):
-    """Position of each token among the real tokens of its row: cumsum(mask) - 1, pads clamped to 0. (B, T)"""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    """Position of each token among the real tokens of its sequence (B, T): cumsum(mask > 0) - 1 minus that
+    count at the sequence's first token, so positions restart at 0 in each packed sequence; pads keep the
+    count clamped to 0 (with a 0/1 mask: cumsum(mask) - 1, pads clamped to 0)."""
+    seq = attention_mask.long()  # (B, T) 0 = pad, k = k-th sequence of the row
+    real = seq > 0
+    count = real.long().cumsum(dim=1) - 1  # (B, T) real tokens before this one in the row
+    start = torch.full((seq.shape[0], int(seq.max()) + 1), seq.shape[1], dtype=torch.long, device=seq.device)
+    start = start.scatter_reduce(1, seq, count, reduce="amin")  # (B, K+1) count at each sequence's first token
+    offset = torch.where(real, start.gather(1, seq), 0)  # (B, T)
+    return (count - offset).clamp(min=0)
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 from e2e_util import write_tar
 from nanopatho import data
 from nanopatho.data import (IMAGE_MEAN, IMAGE_STD, DataError, augment, collate_lm, image_tensor, load_conversations,
-                            load_image, load_pairs, load_records, pad_sequences, preload_images, resize_center_crop,
+                            load_image, load_pairs, load_records, pack_rows, pad_sequences, preload_images, resize_center_crop,
                             stain_jitter, to_float)
 
 COLOURS = [(200, 30, 90), (30, 180, 60), (20, 40, 220)]
@@ -422,6 +422,56 @@ def test_collate_lm_property_targets_are_next_tokens():
         assert batch["loss_mask"][row, :n].tolist() == [float(m) for m in mask[1:]]
         assert (batch["targets"][row, n:] == -1).all() and (batch["loss_mask"][row, n:] == 0).all()
         assert batch["attention_mask"][row].sum() == n
+
+
+def test_pack_rows_first_fit_decreasing_hand_case():
+    # longest first: 6 -> bin 0; 5 -> bin 1; 4 -> bin 2; 3 -> bin 1 (5 + 3 = 8); 2 -> bin 0 (6 + 2); 1 -> bin 2
+    assert pack_rows([3, 6, 1, 5, 2, 4], 8) == [[1, 4], [3, 0], [5, 2]]
+    assert pack_rows([9, 2], 8) == [[0], [1]]  # too long for any bin: one of its own
+
+
+def test_pack_rows_property_every_row_once_within_capacity():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        cap = max(lengths)
+        bins = pack_rows(lengths, cap)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= cap for b in bins)
+        # first fit, longest first: when a row was placed, no earlier bin had room for it
+        rank = {i: r for r, i in enumerate(sorted(range(len(lengths)), key=lambda i: -lengths[i]))}
+        where = {i: j for j, b in enumerate(bins) for i in b}
+        for i, j in where.items():
+            for earlier in bins[:j]:
+                assert cap - sum(lengths[k] for k in earlier if rank[k] < rank[i]) < lengths[i]
+
+
+def test_collate_lm_packed_hand_case():
+    examples = [([10, 11, 12, 13], [0, 0, 1, 1]), ([20, 21], [0, 1]), ([30, 31, 32], [0, 1, 1])]
+    batch = collate_lm(examples, pad_id=0, pack=True)  # next-token lengths 3, 1, 2 in rows of 3
+    assert batch["order"].tolist() == [0, 2, 1]
+    assert batch["input_ids"].tolist() == [[10, 11, 12], [30, 31, 20]]
+    assert batch["targets"].tolist() == [[11, 12, 13], [31, 32, 21]]
+    assert batch["loss_mask"].tolist() == [[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 2]]
+
+
+def test_collate_lm_packed_property_same_tokens_as_unpacked():
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (3, 9, 5, 2, 7, 4):
+        ids = torch.randint(1, 50, (n,), generator=g).tolist()
+        examples.append((ids, torch.randint(0, 2, (n,), generator=g).tolist()))
+    padded, packed = collate_lm(examples, 0), collate_lm(examples, 0, pack=True)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    # each example's tokens, targets and loss mask, read back out of its segment, in the reading order
+    seg = packed["attention_mask"]
+    got = [(packed["input_ids"][r][seg[r] == k].tolist(), packed["targets"][r][seg[r] == k].tolist(),
+            packed["loss_mask"][r][seg[r] == k].tolist())
+           for r in range(seg.shape[0]) for k in range(1, int(seg[r].max()) + 1)]
+    want = [(ids[:-1], ids[1:], [float(m) for m in mask[1:]]) for ids, mask in examples]
+    assert got == [want[i] for i in packed["order"].tolist()]
+    assert (packed["targets"][seg == 0] == -1).all() and (packed["loss_mask"][seg == 0] == 0).all()
 
 
 def test_data_module_names_exist():

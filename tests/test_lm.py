@@ -120,6 +120,36 @@ def test_padding_mask_hand_case():
     assert positions_from_mask(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 0, 1, 0]])).tolist() == [[0, 0, 0, 1, 2], [0, 1, 1, 2, 2]]
 
 
+def test_packed_mask_hand_case():
+    # row: sequence 1 (2 tokens), sequence 2 (2 tokens), a pad
+    m = padding_attn_mask(torch.tensor([[1, 1, 2, 2, 0]]))[0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0],
+                 [1, 1, 0, 0, 0],
+                 [0, 0, 1, 0, 0],   # sequence 2 starts afresh: it never sees sequence 1
+                 [0, 0, 1, 1, 0],
+                 [1, 1, 1, 1, 1]]   # the pad sees every real key before it and itself, as with a 0/1 mask
+    assert positions_from_mask(torch.tensor([[1, 1, 1, 2, 2, 0], [0, 1, 1, 2, 3, 3]])).tolist() == \
+        [[0, 1, 2, 0, 1, 4], [0, 0, 1, 0, 0, 1]]
+
+
+def test_packed_sequences_give_each_sequence_alone():
+    """Sequences end to end in one row, attention_mask = 1, 2, 3 for the first, second, third: each one's
+    logits are those it has alone; so are the logits of a single-sequence row beside it."""
+    lm = tiny_lm()
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 4, 9, 11)]
+    ids = torch.tensor([seqs[0] + seqs[1] + seqs[2], seqs[3] + [0] * 9])  # (2, 20)
+    mask = torch.tensor([[1] * 7 + [2] * 4 + [3] * 9, [1] * 11 + [0] * 9])
+    logits, _ = lm(ids, attention_mask=mask)  # (2, 20, V)
+    starts = [(0, 0), (0, 7), (0, 11), (1, 0)]
+    for s, (row, start) in zip(seqs, starts):
+        alone, _ = lm(torch.tensor([s]))
+        torch.testing.assert_close(logits[row, start:start + len(s)], alone[0], atol=1e-5, rtol=1e-5)
+    # and not what a plain 0/1 mask over the same row gives (sequence 2 would see sequence 1)
+    joined, _ = lm(ids, attention_mask=(mask > 0).long())
+    assert not torch.allclose(joined[0, 7:11], logits[0, 7:11], atol=1e-3)
+
+
 def test_padding_either_side_matches_unpadded():
     lm = tiny_lm()
     p = PROMPTS[0]

@@ -51,9 +51,9 @@ class TrainConfig(RunConfig):
     reading_file: str = field("", "stage 0's reading conversations to mix in, text only (relative to --data; "
                                   "comma-separated list allowed; '' = none)")
     reading_ratio: float = field(0.1, "fraction of training rows that are --reading_file rows")
-    pack: bool = field(True, "pack each micro-batch's rows end to end into rows of its longest row's length "
-                                 "(block-diagonal attention, positions restart per row): the same loss and "
-                                 "gradient as padding each row, with fewer pad tokens computed")
+    pack: bool = field(True, "put each micro-batch's examples end to end in rows no longer than its longest "
+                                 "example (block-diagonal attention, positions restart per example): the same loss "
+                                 "and gradient as one padded row each, with fewer pad tokens computed")
     group_by_length: int = field(0, "batch rows of like length together, sorting within runs of N batches "
                                     "(0 = plain shuffle); fewer pad tokens when lengths vary")
 

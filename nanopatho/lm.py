@@ -122,6 +122,11 @@ class KVCache:
         self.k = [t.repeat_interleave(n, 0) for t in self.k]
         self.v = [t.repeat_interleave(n, 0) for t in self.v]
 
+    def keep_rows(self, rows):
+        """Keep only these rows (long (b,)), in this order: generation drops the rows that have finished."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+
 
 class Attention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): n_head query heads share n_kv_head key/value heads."""
@@ -283,7 +288,10 @@ class LM(nn.Module):
         suppress_ids can never be sampled (e.g. the VLM's image placeholder, an input-only token);
         on_token(tok (B,), alive (B,)) is called after every step, for streaming to a terminal.
         samples_per_prompt = n draws n samples of each prompt (output rows p*n .. p*n+n-1): the prompt
-        is prefilled once and its keys / values copied to its n rows (GRPO's group of n completions)."""
+        is prefilled once and its keys / values copied to its n rows (GRPO's group of n completions).
+        Rows that have emitted a stop id leave the decoder once they are a quarter of those still in it: with
+        replies of mixed lengths most decode steps run on the long ones only. Every step draws one uniform
+        per output row, so what a row samples does not depend on when the others stopped."""
         x = self.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (P, T, C)
         P, T, _ = x.shape
         device = x.device
@@ -310,27 +318,36 @@ class LM(nn.Module):
         out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         out_logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
         suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
+        # the decoder runs only on live (b,), the output rows not yet dropped; the cache, key_valid and next_pos
+        # hold those b rows in live's order. A finished row runs on until a quarter of the b rows have
+        # finished, then they all leave (each drop copies the cache: O(log B) copies, not B)
+        live = torch.arange(B, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)  # (b,)
         n = 0
         for n in range(max_new_tokens):
-            tok, logprob = sample_next(logits, temperature, top_k, top_p, generator, suppress)  # (B,), (B,)
+            u = None if temperature == 0 else uniforms(B, generator, device)[live]  # (b,)
+            tok, logprob = sample_next(logits, temperature, top_k, top_p, generator, suppress, u)  # (b,), (b,)
             alive = ~finished
+            rows = live[alive]
+            out_ids[rows, n], out_mask[rows, n], out_logprobs[rows, n] = tok[alive], True, logprob[alive]
             if on_token is not None:
-                on_token(tok, alive)
-            out_ids[:, n] = torch.where(alive, tok, pad_id)
-            out_mask[:, n] = alive
-            out_logprobs[:, n] = torch.where(alive, logprob, 0.0)
+                on_token(out_ids[:, n], out_mask[:, n])  # (B,), (B,)
             finished = finished | (alive & torch.isin(tok, stop))
             if n + 1 == max_new_tokens or bool(finished.all()):
                 break
+            if 4 * int(finished.sum()) >= len(live):
+                keep = (~finished).nonzero().squeeze(1)  # (b',)
+                live, tok, finished = live[keep], tok[keep], finished[keep]
+                key_valid, next_pos = key_valid[keep], next_pos[keep]
+                cache.keep_rows(keep)
             # decode: one token per row at slot T + n, position next_pos + n
             slot = T + n
             key_valid[:, slot] = True
-            x = self.embed_tokens(tok[:, None])  # (B, 1, C); finished rows run on, their outputs are dropped
-            positions = (next_pos + n)[:, None]  # (B, 1)
-            h = self.hidden_states(x, positions, key_valid[:, None, None, :slot + 1], cache, slot)  # (B, 1, C)
-            logits = self.lm_head(h[:, -1]).float()  # (B, V)
+            x = self.embed_tokens(tok[:, None])  # (b, 1, C); finished rows not yet dropped run on, their outputs unused
+            positions = (next_pos + n)[:, None]  # (b, 1)
+            h = self.hidden_states(x, positions, key_valid[:, None, None, :slot + 1], cache, slot)  # (b, 1, C)
+            logits = self.lm_head(h[:, -1]).float()  # (b, V)
         N = n + 1 if max_new_tokens > 0 else 0
         return GenerationOutput(out_ids[:, :N], out_mask[:, :N], out_logprobs[:, :N])
 
@@ -371,10 +388,19 @@ def filter_top_k_top_p(logits, top_k=None, top_p=None):
     return logits
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, suppress=None):
+def uniforms(n, generator, device):
+    """n draws of U[0, 1) for inverse-CDF sampling, fp64 (fp32 on MPS), moved to device. They are drawn where the
+    generator lives: train_rl's seeded generators are CPU ones, also for CUDA logits."""
+    where = torch.device(device if generator is None else generator.device)
+    wide = torch.float32 if where.type == "mps" else torch.float64
+    return torch.rand(n, dtype=wide, generator=generator, device=where).to(device)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, suppress=None, u=None):
     """logits (B, V) fp32 -> (token (B,), log_softmax(logits / T)[token] (B,)). temperature 0 = greedy (T = 1 for logprobs).
     suppress (long tensor of ids): never drawn, but kept in the log-prob's normaliser, as top-k / top-p:
-    the log-prob is the full softmax's, the one a forward pass scores (RL's importance ratio)."""
+    the log-prob is the full softmax's, the one a forward pass scores (RL's importance ratio).
+    u (B,) fp64 in [0, 1): the uniforms of the inverse-CDF draw; drawn from generator when None."""
     scaled = logits if temperature == 0 else logits / temperature  # (B, V)
     drawn = scaled if suppress is None or not len(suppress) else scaled.index_fill(-1, suppress, float("-inf"))
     if temperature == 0:
@@ -385,9 +411,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
         # number per row (torch.multinomial draws V exponentials per row: 20x slower at B=64, V=1.5k on a CPU)
         wide = torch.float32 if probs.device.type == "mps" else torch.float64  # fp64: each token keeps its exact share
         cdf = probs.to(wide).cumsum(dim=-1)  # (B, V)
-        # u is drawn where the generator lives (train_rl's seeded generators are CPU ones, also for CUDA logits)
-        u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, generator=generator,
-                       device=cdf.device if generator is None else generator.device).to(cdf.device) * cdf[:, -1:]
+        u = uniforms(cdf.shape[0], generator, cdf.device) if u is None else u
+        u = u.to(cdf.dtype)[:, None] * cdf[:, -1:]  # (B, 1) ~ U[0, total)
         tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # (B,)
     # log p(tok) = z_tok - logsumexp(z): no (B, V) log-softmax needed
     return tok, scaled.gather(-1, tok[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1)

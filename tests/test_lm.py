@@ -235,6 +235,33 @@ def test_kv_cache_greedy_equals_full_recompute():
     assert torch.allclose(out.logprobs, ref_logp, atol=1e-5)
 
 
+def test_dropping_finished_rows_samples_what_a_full_recompute_samples(monkeypatch):
+    """generate drops rows once a quarter of them have stopped; with the same uniforms every step, the tokens,
+    masks and log-probs are those of re-running every row's whole sequence with no cache and no dropping."""
+    drops = []
+    keep_rows = KVCache.keep_rows
+    monkeypatch.setattr(KVCache, "keep_rows", lambda self, rows: (drops.append(len(rows)), keep_rows(self, rows)))
+    lm = tiny_lm()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, V, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (12,), generator=g)]
+    ids, mask = left_pad(prompts)
+    stop, n, temp = tuple(range(56, 64)), 24, 0.9
+    out = lm.generate(ids, mask, max_new_tokens=n, temperature=temp, stop_ids=stop, pad_id=-1,
+                      generator=torch.Generator().manual_seed(0))
+    assert len(drops) >= 2 and drops == sorted(drops, reverse=True)  # it did drop rows, more than once
+    ref = torch.Generator().manual_seed(0)
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    for t in range(out.ids.shape[1]):  # reference: full recompute, one uniform per row per step (sample_next's draw)
+        logits, _ = lm(ids, attention_mask=mask)
+        tok, logp = sample_next(logits[:, -1], temp, generator=ref)  # (B,), (B,)
+        assert torch.equal(out.mask[:, t], ~done)
+        assert torch.equal(out.ids[~done, t], tok[~done]) and (out.ids[done, t] == -1).all()
+        assert torch.allclose(out.logprobs[~done, t], logp[~done], atol=1e-5)
+        done = done | torch.isin(tok, torch.tensor(stop))
+        ids, mask = torch.cat([ids, tok[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert done.all() or out.ids.shape[1] == n
+
+
 def test_left_padded_row_equals_prompt_alone():
     lm = tiny_lm()
     ids, mask = left_pad(PROMPTS)

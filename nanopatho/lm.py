@@ -389,10 +389,10 @@ def filter_top_k_top_p(logits, top_k=None, top_p=None):
 
 
 def uniforms(n, generator, device):
-    """n draws of U[0, 1) for inverse-CDF sampling, fp64 (fp32 on MPS), moved to device. They are drawn where the
-    generator lives: train_rl's seeded generators are CPU ones, also for CUDA logits."""
+    """n draws of U[0, 1) for inverse-CDF sampling, fp64 (fp32 where MPS is involved), moved to device. They
+    are drawn where the generator lives: train_rl's seeded generators are CPU ones, also for CUDA logits."""
     where = torch.device(device if generator is None else generator.device)
-    wide = torch.float32 if where.type == "mps" else torch.float64
+    wide = torch.float32 if "mps" in (where.type, torch.device(device).type) else torch.float64
     return torch.rand(n, dtype=wide, generator=generator, device=where).to(device)
 
 

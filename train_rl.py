@@ -282,18 +282,27 @@ def completion_logits(model, batch, rows, group_size=None):
 @torch.no_grad()
 def score(model, batch, temperature, impl, group_size=None, chunk=16):
     """Per-token log-probs of the sampled completions under `model` (the frozen reference), without
-    grad: (B, N). group_size: see completion_logits (chunks then hold whole groups).
+    grad: (B, N), 0 past each completion's end as in the sampler's own. group_size: see completion_logits
+    (chunks then hold whole groups). Each chunk runs only up to its own longest completion: attention is
+    causal, so the cut changes no log-prob, and a chunk of short replies no longer pays for the batch's
+    longest one.
 
     Old log-probs are not recomputed here but taken from the sampler (see `rollout`): it is the same
     model in the same precision, so the two differ only by rounding (~1e-6). A sampler in another
     precision than the update (bf16 rollouts, fp32 training, as verl + vLLM run) would need this
     recompute for them too, or the ratio would stray from 1 before any update and clip for no reason."""
     chunk = chunk if group_size is None else max(1, chunk // group_size) * group_size
-    out = torch.empty(batch["ids"].shape, device=batch["ids"].device)  # (B, N)
-    for part in torch.arange(batch["ids"].shape[0]).split(chunk):
-        logits = completion_logits(model, batch, part, group_size)
-        out[part] = token_logprobs(logits, batch["ids"][part], temperature=temperature, impl=impl).to(out.dtype)
-    return out
+    mask = batch["mask"].bool()  # (B, N)
+    out = torch.zeros(mask.shape, device=mask.device)  # (B, N)
+    for part in torch.arange(mask.shape[0]).split(chunk):
+        filled = mask[part].any(0).nonzero()  # (k, 1) the positions some completion of the chunk reaches
+        if not len(filled):
+            continue
+        width = int(filled.max()) + 1
+        cut = dict(batch, ids=batch["ids"][:, :width], mask=batch["mask"][:, :width])
+        logits = completion_logits(model, cut, part, group_size)  # (b, width, V)
+        out[part, :width] = token_logprobs(logits, cut["ids"][part], temperature=temperature, impl=impl).to(out.dtype)
+    return out.masked_fill_(~mask, 0.0)
 
 
 def minibatches(cfg, n_rows, epoch):

@@ -142,6 +142,25 @@ def test_score_equal_the_per_row_path():
     assert torch.allclose(a[batch["mask"]], b[batch["mask"]], atol=1e-5)
 
 
+def test_score_runs_each_chunk_to_its_longest_completion_only(monkeypatch):
+    """The cut changes no log-prob (causal attention): equal to one full-width forward of every row, 0 past each
+    completion's end (the sampler's convention), and some chunk did run narrower than the batch."""
+    model = tiny_vlm().eval()
+    batch = dynamic_sampling_batch(model)
+    mask = batch["mask"]  # (B, N)
+    with torch.no_grad():
+        logits = train_rl.completion_logits(model, batch, torch.arange(mask.shape[0]))  # (B, N, V)
+    full = rl.token_logprobs_torch(logits, batch["ids"], 0.7)  # (B, N)
+    widths, forward = [], train_rl.completion_logits
+    monkeypatch.setattr(train_rl, "completion_logits", lambda m, b, rows, g=None: widths.append(b["ids"].shape[1])
+                        or forward(m, b, rows, g))
+    for group_size, chunk in ((None, 2), (G, G)):
+        got = train_rl.score(model, batch, 0.7, "torch", group_size=group_size, chunk=chunk)
+        assert torch.allclose(got[mask], full[mask], atol=1e-5)
+        assert (got[~mask] == 0).all()
+    assert max(widths) == mask.shape[1] and min(widths) < mask.shape[1], widths
+
+
 def rl_cfg(agg, share_prefix):
     return types.SimpleNamespace(seed=0, ppo_epochs=2, num_minibatches=2, temperature=0.8, eps_low=0.2, eps_high=0.28,
                                  beta=0.04, agg=agg, max_new_tokens=7, loss_impl="torch", entropy_coef=0.01,

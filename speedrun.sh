@@ -5,9 +5,9 @@
 #   -> stage 1 pretrain (continues the base LM) -> stage 2 SFT -> stage 3 RL twice from the same
 #   SFT model (GRPO, DAPO) -> evaluation -> out/report.md
 #
-#   bash speedrun.sh                      # toy preset, seed 0 (~75 min on 2 CPU cores, session 33: stage 0 ~22 min a
-#                                         # try, up to 3 tries, 0v ~6, the seed ~46)
-#   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report (~46 min more a seed)
+#   bash speedrun.sh                      # toy preset, seed 0 (~70 min on 2 CPU cores, session 34: stage 0 ~22 min a
+#                                         # try, up to 3 tries, 0v ~6, the seed ~42)
+#   bash speedrun.sh --seeds 0,1,2        # three seeds: mean +- spread in the report (~42 min more a seed)
 #   bash speedrun.sh --preset small       # one GPU
 #   bash speedrun.sh --update_readme      # also rewrite README.md's results section from the report
 #   bash speedrun.sh --base_tries 1       # one stage-0 seed (default 3: the next seed while its probe walk is < 0.8)

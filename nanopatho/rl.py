@@ -177,6 +177,11 @@ def policy_loss(logp, logp_old, advantages, mask, *, eps_low, eps_high, logp_ref
     """
     assert logp.shape == logp_old.shape == mask.shape and (logp_ref is None or logp_ref.shape == logp.shape), \
         f"logp {tuple(logp.shape)}, logp_old {tuple(logp_old.shape)}, mask {tuple(mask.shape)} must match"
+    valid = mask != 0                                               # (B, L)
+    # masked tokens read as logp = logp_old = logp_ref = 0, as in the Triton kernel: whatever a caller left
+    # there (the sampler writes 0, so a real logp makes exp(logp_ref - logp) overflow) cannot make inf * 0 = nan
+    logp, logp_old = logp.masked_fill(~valid, 0.0), logp_old.masked_fill(~valid, 0.0)  # (B, L) each
+    logp_ref = None if logp_ref is None else logp_ref.masked_fill(~valid, 0.0)        # (B, L)
     pg_tok, low, high = clipped_token_loss(logp, logp_old, advantages, eps_low=eps_low, eps_high=eps_high)
     per_token = pg_tok                                              # (B, L)
     m = mask.to(logp.dtype)                                         # (B, L)
@@ -189,7 +194,6 @@ def policy_loss(logp, logp_old, advantages, mask, *, eps_low, eps_high, logp_ref
         per_token = per_token - entropy_coef * entropy
     loss = aggregate(per_token, mask, agg, num_tokens=num_tokens, max_len=max_len, num_seqs=num_seqs)
     with torch.no_grad():
-        valid = m > 0
         ratio = torch.exp(logp - logp_old)                          # (B, L)
         stats = {
             "pg_loss": aggregate(pg_tok, mask, agg, num_tokens=num_tokens, max_len=max_len, num_seqs=num_seqs),

@@ -243,6 +243,29 @@ def test_on_policy_first_step_loss_zero_gradient_nonzero():
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_masked_tokens_never_reach_the_loss_whatever_they_hold(agg):
+    """What sits under mask 0 does not count, even where exp of it overflows: the sampler writes logp_old = 0
+    there (and score() logp_ref = 0), while the policy's own logp is real (-120: exp(0 + 120) is inf in fp32,
+    and inf * 0 is nan)."""
+    g = torch.Generator().manual_seed(4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    adv = torch.tensor([0.7, -1.2, 0.4])
+    old = (-torch.rand(3, 5, generator=g)).masked_fill(mask == 0, 0.0)  # (3, 5)
+    ref = (-torch.rand(3, 5, generator=g)).masked_fill(mask == 0, 0.0)  # (3, 5)
+    base = -torch.rand(3, 5, generator=g)  # (3, 5)
+    results = []
+    for masked_logp in (-120.0, -0.5):
+        logp = base.masked_fill(mask == 0, masked_logp).requires_grad_(True)
+        loss, stats = policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, logp_ref=ref, beta=0.04, agg=agg)
+        loss.backward()
+        results.append((loss.detach(), logp.grad, stats["kl"]))
+    (loss_a, grad_a, kl_a), (loss_b, grad_b, kl_b) = results
+    assert torch.isfinite(loss_a) and torch.isfinite(grad_a).all() and torch.isfinite(kl_a)
+    assert torch.allclose(loss_a, loss_b) and torch.allclose(grad_a, grad_b) and torch.allclose(kl_a, kl_b)
+    assert (grad_a[mask == 0] == 0).all() and (grad_a[mask == 1] != 0).all()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batched_equals_full_batch(agg):
     # Summing micro-batch losses normalised by the GLOBAL counts equals the full-batch loss, grads too.
     g = torch.Generator().manual_seed(3)

@@ -152,8 +152,12 @@ def test_score_runs_each_chunk_to_its_longest_completion_only(monkeypatch):
         logits = train_rl.completion_logits(model, batch, torch.arange(mask.shape[0]))  # (B, N, V)
     full = rl.token_logprobs_torch(logits, batch["ids"], 0.7)  # (B, N)
     widths, forward = [], train_rl.completion_logits
-    monkeypatch.setattr(train_rl, "completion_logits", lambda m, b, rows, g=None: widths.append(b["ids"].shape[1])
-                        or forward(m, b, rows, g))
+
+    def spy(m, b, rows, group_size=None):  # records the width each chunk ran at
+        widths.append(b["ids"].shape[1])
+        return forward(m, b, rows, group_size)
+
+    monkeypatch.setattr(train_rl, "completion_logits", spy)
     for group_size, chunk in ((None, 2), (G, G)):
         got = train_rl.score(model, batch, 0.7, "torch", group_size=group_size, chunk=chunk)
         assert torch.allclose(got[mask], full[mask], atol=1e-5)
